@@ -1,0 +1,19 @@
+import os
+import sys
+
+import pytest
+
+# Tests run on the CPU with DeepSpeed's CPU accelerator and few threads (2-core CI machine).
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(scope="session")
+def timm_module():
+    from torchvision_stub import import_timm
+
+    timm = import_timm()
+    if timm is None:
+        pytest.skip("timm is not installed (make test installs it with --no-deps)")
+    return timm
