@@ -1,0 +1,58 @@
+# Two commands on a fresh machine (Python 3.10+, pip, make):
+#   make demo   set up .venv and run the main job: the digits demo on 2 CPU ranks (DeepSpeed ZeRO-2)
+#   make test   set up .venv with the dev extras and run the whole test suite
+# Re-running either when nothing changed does not reinstall (stamp files in .venv).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+# The CPU build of torch this project pins for its own machines (a range in pyproject admits it).
+TORCH_PIN := torch==2.13.0
+# timm is a test-time reference only; --no-deps because its torchvision dependency cannot load
+# beside the CPU torch pin (tests stub torchvision for timm's model code).
+TIMM_PIN  := timm==1.0.31
+RUN_NAME  ?= demo_digits-$(shell date +%Y%m%d-%H%M%S)
+DEMO_RANKS ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast bench install install-dev clean help
+
+help:
+	@echo "make demo | make test | make test-fast | make bench | make clean"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install $(TORCH_PIN)
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps $(TIMM_PIN)
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+data/digits/dataset.json: | $(VENV)/.installed
+	$(VENV)/bin/distvit data write digits --out data/digits
+
+demo: $(VENV)/.installed data/digits/dataset.json
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_accelerators $(DEMO_RANKS) --master_port $$($(PY) -c 'import distvit.dist as d; print(d.free_port())') \
+		launch/train.py --config configs/demo_digits.yaml --set run.name=$(RUN_NAME)
+
+test: $(VENV)/.installed-dev
+	DS_ACCELERATOR=cpu $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed-dev
+	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-dev
+	DS_ACCELERATOR=cpu $(PY) benchmarks/data_throughput.py
+	DS_ACCELERATOR=cpu $(PY) benchmarks/trainer_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

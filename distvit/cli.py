@@ -1,0 +1,105 @@
+"""`distvit` command line: one console script, one subcommand per job.
+
+    distvit train --config configs/demo_digits.yaml [--set optim.lr=3e-3 ...] [--resume auto]
+    distvit data write digits --out data/digits
+    distvit data verify 'data/digits/train-{000000..000003}.tar'
+    distvit ckpt inspect runs/demo_digits/checkpoints
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from distvit import __version__
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="distvit train",
+        description="Train a vision transformer (run under deepspeed, torchrun, accelerate launch, mpirun, srun or alone).",
+    )
+    p.add_argument("--config", "-c", default="demo_digits",
+                   help="YAML config: a path, or a name under configs/ (default: demo_digits)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable), e.g. --set optim.lr=3e-4 --set data.batch_size=64")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="'auto': continue from the newest complete checkpoint of the run folder; or a checkpoint path")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    # DeepSpeed's launcher appends --local_rank=N; the rank is read from the environment instead.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def train(argv: list[str] | None = None) -> int:
+    from distvit.config import ConfigError, load_config
+
+    args = train_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"distvit: error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    from distvit.engine.trainer import Trainer, TrainingDiverged
+
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+        summary = trainer.fit()
+    except (ConfigError, FileNotFoundError, TrainingDiverged) as exc:
+        print(f"distvit: error: {exc}", file=sys.stderr)
+        return 2
+    if trainer.is_main:
+        print_summary(summary)
+    from distvit import dist as ddist
+
+    ddist.destroy()
+    return 0 if summary["status"] in ("finished", "preempted") else 1
+
+
+def print_summary(summary: dict) -> None:
+    top1 = summary.get("final_top1")
+    print(
+        f"done: {summary['status']} after {summary['steps']} steps ({summary['epochs']:.2f} epochs) in {summary['wall_s']:.1f} s"
+        + (f"; val top-1 {top1:.2f}% (best {summary['best_top1']:.2f}%)" if top1 is not None else "")
+        + f"; {summary['img_per_s']:.0f} img/s\n"
+        f"  checkpoint: {summary['checkpoint']}\n"
+        + (f"  weights:    {summary['weights']}\n" if summary.get("weights") else "")
+        + f"  logs:       {summary['run_dir']}/metrics.csv, {summary['run_dir']}/tensorboard, {summary['run_dir']}/summary.json",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {
+        "train": ("train a model (see `distvit train --help`)", train),
+        "data": ("write, verify and inspect webdataset shards", lambda a: _lazy("distvit.data.cli", a)),
+        "ckpt": ("inspect, consolidate, reshape, verify and prune checkpoints", lambda a: _lazy("distvit.checkpoint.cli", a)),
+    }
+    parser = argparse.ArgumentParser(prog="distvit", description="Distributed training of vision transformers.")
+    parser.add_argument("--version", action="version", version=f"distvit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, _) in commands.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    if argv[0] == "--version":
+        parser.parse_args(argv)
+    if argv[0] not in commands:
+        parser.parse_args(argv)  # prints the error with the valid choices
+        return 2
+    return commands[argv[0]][1](argv[1:])
+
+
+def _lazy(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return importlib.import_module(module).main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The run's configuration: one typed tree, loaded from YAML, overridden from the command line.
+
+    cfg = load_config("configs/demo_digits.yaml", overrides=["optim.lr=3e-3", "run.name=try2"])
+
+A YAML file may inherit from other files with a top-level `base:` (a path relative to the file,
+or a list of them, merged in order, the file itself last). `--set section.key=value` values are
+parsed as YAML scalars (`1e-3`, `true`, `[1, 2]`, `null`) and then validated against the field's
+type by pydantic. Every error is one line naming the bad key, where it came from (file or flag)
+and the fix; unknown keys get a difflib suggestion.
+
+Each section is a pydantic model with `extra="forbid"`; the data section belongs to the data
+package (`distvit.data.config.DataConfig`). Runtime objects (process groups, engines) are never
+stored here: the tree flows one way, into the trainer.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from distvit.data.config import DataConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line meant for the user."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "default"
+    output_dir: str = "runs"  # the run folder is output_dir/name
+    seed: int = 0
+    epochs: int | None = 1  # train for this many epochs ...
+    max_steps: int | None = None  # ... or stop at this many optimizer steps (wins when both are set)
+    eval_every: int = 0  # optimizer steps between evaluations; 0: at each epoch end and at the end
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+
+
+class ModelConfig(Section):
+    name: str = "vit_digits"
+    num_classes: int | None = None  # None: from the dataset manifest, else the model's default
+    img_size: int | None = None  # None: data.img_size
+    in_chans: int | None = None  # None: data.in_chans
+    drop_path_rate: float = 0.0
+    attn_backend: Literal["auto", "sdpa", "flash", "math"] = "auto"
+    checkpoint: str | None = None  # initial weights (.safetensors / .pt), e.g. timm's
+
+    @field_validator("drop_path_rate")
+    @classmethod
+    def _rate(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"must be in [0, 1), got {v}")
+        return v
+
+
+class OptimConfig(Section):
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0  # max global grad norm; null disables clipping
+    label_smoothing: float = 0.0
+    ema_decay: float | None = None  # e.g. 0.9998 keeps an EMA of the weights, evaluated too
+
+
+class ScheduleConfig(Section):
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+
+
+class ParallelConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    offload: Literal["none", "cpu", "interleaved"] = "none"
+    offload_gpu_fraction: float | Literal["auto"] = "auto"
+    sub_group_size: int = 1_000_000_000
+    sp_size: int = 1
+    sp_impl: Literal["ulysses", "ring"] = "ulysses"
+    deepspeed_extra: str | None = None  # a DeepSpeed JSON merged into the generated config
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.offload != "none" and self.zero_stage == 0:
+            raise ValueError(
+                f"parallel.offload={self.offload} needs ZeRO stage 1-3 (got parallel.zero_stage=0); "
+                "set parallel.zero_stage=2 or 3"
+            )
+        if self.offload == "interleaved" and self.zero_stage != 3:
+            raise ValueError(
+                f"parallel.offload=interleaved extends ZeRO-3's sub-group step (got zero_stage={self.zero_stage}); "
+                "set parallel.zero_stage=3"
+            )
+        if isinstance(self.offload_gpu_fraction, float) and not 0.0 <= self.offload_gpu_fraction <= 1.0:
+            raise ValueError(f"parallel.offload_gpu_fraction must be 'auto' or in [0, 1], got {self.offload_gpu_fraction}")
+        for name in ("grad_accum", "sp_size", "sub_group_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+
+class CheckpointConfig(Section):
+    every_steps: int = 0  # 0: only at the end
+    keep: int = 3  # complete checkpoints kept in the run folder (older ones are deleted)
+    resume: str | None = None  # "auto" (newest complete checkpoint of the run folder) or a path
+    export: bool = True  # at the end, consolidate to <run>/model.safetensors (fp32)
+
+
+class LogConfig(Section):
+    every_steps: int = 10
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bar on rank 0
+    peak_tflops: float | None = None  # device peak for MFU; None: looked up by device name
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A path as given, else a name under configs/ (with or without .yaml)."""
+    p = Path(path)
+    candidates = [p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"] if not p.is_absolute() else [p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(
+        f"config file '{path}' not found; configs that ship (in {CONFIG_DIR}): "
+        + (", ".join(shipped_configs()) or "none")
+    )
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file's syntax") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, model:, ...), got {type(data).__name__}")
+    return data
+
+
+def _merge(dst: dict, src: dict, origins: dict[str, str], origin: str, prefix: str = "") -> None:
+    """Deep-merge src into dst, recording for every leaf key where its value came from."""
+    for key, value in src.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _merge(dst[key], value, origins, origin, dotted + ".")
+        else:
+            dst[key] = value
+            _record(origins, dotted, value, origin)
+
+
+def _record(origins: dict[str, str], dotted: str, value: Any, origin: str) -> None:
+    origins[dotted] = origin
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _record(origins, f"{dotted}.{k}", v, origin)
+
+
+def _load_file(path: Path, origins: dict[str, str], stack: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(str(p) for p in (*stack, path))
+        raise ConfigError(f"config inheritance loops: {chain}; remove one of the `base:` entries")
+    data = _read_yaml(path)
+    bases = data.pop("base", None)
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else (bases or []):
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: base '{base}' not found (looked at {base_path}); fix the `base:` path")
+        _merge(merged, _load_file(base_path, origins, (*stack, path)), origins, str(base_path))
+    _merge(merged, data, origins, str(path))
+    return merged
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected section.key=value, e.g. --set optim.lr=3e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or "." not in key:
+        raise ConfigError(f"--set {text}: the key must name a section and a field, e.g. optim.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _apply_override(tree: dict, key: str, value: Any, origins: dict[str, str], origin: str) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{origin}: '{key}' goes through a value that is not a section")
+    node[parts[-1]] = value
+    _record(origins, key, value, origin)
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys.extend(_all_keys(sub, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _check_unknown(tree: dict, model: type[BaseModel], origins: dict[str, str], prefix: str = "") -> None:
+    """Unknown keys, found before pydantic so the message can say where the key came from."""
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        field = model.model_fields.get(key)
+        if field is None:
+            valid = list(model.model_fields)
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            if not close:  # a key in the wrong section: search the whole tree
+                close = difflib.get_close_matches(dotted, _all_keys(Config), n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0] if '.' in close[0] else prefix + close[0]}'?" if close else (
+                f"valid keys here: {', '.join(prefix + v for v in valid)}"
+            )
+            raise ConfigError(f"unknown config key '{dotted}' (from {origins.get(dotted, 'defaults')}); {hint}")
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"config key '{dotted}' (from {origins.get(dotted, 'defaults')}) is a section; "
+                    f"give its fields, e.g. {dotted}.{next(iter(sub.model_fields))}=..."
+                )
+            _check_unknown(value, sub, origins, dotted + ".")
+
+
+def _type_error(exc: ValidationError, tree: dict, origins: dict[str, str]) -> ConfigError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal["))]
+    # Drop pydantic's union-member labels ("int", "float", ...) from the location.
+    fields = []
+    model: Any = Config
+    for part in loc:
+        if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
+            fields.append(part)
+            model = model.model_fields[part].annotation
+        elif part.isdigit():
+            fields.append(part)
+    dotted = ".".join(fields)
+    value: Any = tree
+    for part in fields:
+        value = value.get(part) if isinstance(value, dict) else (value[int(part)] if isinstance(value, list) and part.isdigit() and int(part) < len(value) else None)
+    where = origins.get(dotted) or next((o for k, o in origins.items() if dotted.startswith(k + ".") or k.startswith(dotted + ".")), "defaults")
+    expected = err["msg"]
+    if err["type"] == "value_error":
+        return ConfigError(f"bad value for config key '{dotted}' (from {where}): {expected.removeprefix('Value error, ')}")
+    return ConfigError(f"bad value for config key '{dotted}' (from {where}): got {value!r}; expected {expected.lower()}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the Config tree: defaults <- YAML file (and its bases) <- `--set` overrides."""
+    origins: dict[str, str] = {}
+    tree: dict = _load_file(resolve_config_path(path), origins) if path else {}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _apply_override(tree, key, value, origins, f"--set {text}")
+    _check_unknown(tree, Config, origins)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise _type_error(exc, tree, origins) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (atomically: a reader never sees half a file)."""
+    from distvit.checkpoint.io import atomic_write_text
+
+    atomic_write_text(Path(path), cfg.to_yaml())

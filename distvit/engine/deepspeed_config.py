@@ -1,0 +1,93 @@
+"""The DeepSpeed config, generated from ours (never a hand-kept JSON).
+
+`build_ds_config(cfg, device)` maps the parallel/optim sections onto DeepSpeed's keys. A user's
+extra JSON (`parallel.deepspeed_extra`) is merged in for the keys we do not generate; where it
+sets a key we generate to another value, that is an error naming both sources, because two
+sources of truth for one setting is how runs silently differ from their config.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distvit.config import Config, ConfigError
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    p = cfg.parallel.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if p in ("bf16", "fp16") and device.type == "cpu" and cfg.parallel.zero_stage == 0:
+        # DeepSpeed's bf16/fp16 wrappers need a ZeRO optimizer on the CPU accelerator.
+        raise ConfigError(f"parallel.precision={p} on the CPU needs parallel.zero_stage >= 1; use precision=fp32 or zero_stage=1")
+    return p
+
+
+def offload_fragment(cfg: Config) -> dict[str, Any]:
+    mode = cfg.parallel.offload
+    if mode == "none":
+        return {}
+    if mode == "interleaved":
+        from distvit.engine.offload import offload_ds_config
+
+        return offload_ds_config(mode, cfg.parallel.offload_gpu_fraction, cfg.parallel.sub_group_size)
+    return {"offload_optimizer": {"device": "cpu", "pin_memory": torch.cuda.is_available()}}
+
+
+def build_ds_config(cfg: Config, device: torch.device) -> dict[str, Any]:
+    precision = resolve_precision(cfg, device)
+    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.zero_stage == 3:
+        zero.update(sub_group_size=cfg.parallel.sub_group_size, stage3_gather_16bit_weights_on_model_save=False)
+    if cfg.parallel.zero_stage >= 2:
+        zero.update(overlap_comm=device.type == "cuda", contiguous_gradients=True)
+    zero.update(offload_fragment(cfg))
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.parallel.grad_accum,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # we pass torch's AdamW on the CPU
+        "steps_per_print": 10**9,  # our own logging; keep DeepSpeed's quiet
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+    }
+    if cfg.optim.grad_clip is not None:
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+    if cfg.parallel.deepspeed_extra:
+        ds = merge_user_json(ds, cfg.parallel.deepspeed_extra)
+    return ds
+
+
+def merge_user_json(generated: dict, path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"parallel.deepspeed_extra: '{path}' not found; give the path of a DeepSpeed JSON file")
+    try:
+        extra = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"parallel.deepspeed_extra: '{path}' is not valid JSON ({exc})") from None
+    conflicts: list[str] = []
+    merged = _merge_checked(generated, extra, "", conflicts)
+    if conflicts:
+        raise ConfigError(
+            f"parallel.deepspeed_extra '{path}' conflicts with the distvit config: {'; '.join(conflicts)}; "
+            "set these in the distvit config (configs/*.yaml or --set) and remove them from the JSON"
+        )
+    return merged
+
+
+def _merge_checked(ours: dict, theirs: dict, prefix: str, conflicts: list[str]) -> dict:
+    out = dict(ours)
+    for key, value in theirs.items():
+        dotted = f"{prefix}{key}"
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _merge_checked(out[key], value, dotted + ".", conflicts)
+        elif out[key] != value:
+            conflicts.append(f"{dotted} is {value!r} in the JSON but {out[key]!r} from distvit")
+    return out

@@ -1,0 +1,491 @@
+"""The training loop: Config in, a trained model, metrics and checkpoints out.
+
+    Trainer(cfg, resume="auto").fit()
+
+Build order (one direction): process groups and mesh -> data loaders (over dp) -> model
+(pure nn.Module; sequence-parallel wiring if sp > 1) -> optimizer + schedule -> DeepSpeed engine
+(from the generated config) -> optional interleaved offload -> resume. The loop counts optimizer
+steps; a micro-batch loop feeds DeepSpeed's gradient accumulation.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distvit import dist as ddist
+from distvit import models
+from distvit.checkpoint import io as ckio
+from distvit.config import Config, ConfigError, save_config
+from distvit.data import build_train_loader, build_val_loader, read_manifest
+from distvit.engine.deepspeed_config import build_ds_config, resolve_precision
+from distvit.engine.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
+from distvit.engine.optim import build_optimizer
+from distvit.engine.schedule import build_scheduler
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def log0(*args) -> None:
+    if ddist.is_main():
+        print(*args, flush=True)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: str | None = None):
+        import deepspeed
+
+        self.cfg = cfg
+        self.info, self.device = ddist.init(cfg.run.device)
+        self.mesh = ddist.Mesh.build(cfg.parallel.sp_size)
+        self.rank = self.mesh.rank
+        self.is_main = self.rank == 0
+        self.run_dir = cfg.run_dir
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True)
+        resume = resume if resume is not None else cfg.checkpoint.resume
+        self.resume_from = self._resolve_resume(resume)
+
+        # Identical initial weights on every rank (ZeRO-3 partitions whatever each rank built).
+        seed_all(cfg.run.seed)
+        manifest = read_manifest(cfg.data.train)
+        num_classes = cfg.model.num_classes or (manifest or {}).get("num_classes")
+        overrides = dict(
+            img_size=cfg.model.img_size or cfg.data.img_size,
+            in_chans=cfg.model.in_chans or cfg.data.in_chans,
+            drop_path_rate=cfg.model.drop_path_rate,
+            attn_backend=cfg.model.attn_backend,
+        )
+        if num_classes:
+            overrides["num_classes"] = num_classes
+        model = models.create(cfg.model.name, checkpoint=cfg.model.checkpoint, **overrides)
+        if cfg.parallel.activation_checkpointing:
+            model.set_grad_checkpointing(True)
+        self.flops_per_image = float(model.flops_per_image()) if hasattr(model, "flops_per_image") else None
+        self.num_params = sum(p.numel() for p in model.parameters())
+        if cfg.parallel.sp_size > 1:
+            from distvit.models.parallelize import parallelize_sequence
+
+            parallelize_sequence(model, self.mesh.sp_group, impl=cfg.parallel.sp_impl)
+
+        self.train_loader = build_train_loader(cfg.data, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size, seed=cfg.run.seed)
+        self.val_loader = (
+            build_val_loader(cfg.data, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size) if cfg.data.val else None
+        )
+        accum = cfg.parallel.grad_accum
+        self.steps_per_epoch = self.train_loader.steps_per_epoch // accum
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"one epoch has {self.train_loader.steps_per_epoch} micro-batches per rank, fewer than "
+                f"parallel.grad_accum={accum}; lower data.batch_size or parallel.grad_accum"
+            )
+        if cfg.run.max_steps:
+            self.total_steps = cfg.run.max_steps
+        elif cfg.run.epochs:
+            self.total_steps = cfg.run.epochs * self.steps_per_epoch
+        else:
+            raise ConfigError("set run.epochs or run.max_steps (both are empty)")
+
+        self.precision = resolve_precision(cfg, self.device)
+        ds_config = build_ds_config(cfg, self.device)
+        optimizer = build_optimizer(model, cfg, self.device)
+        scheduler = build_scheduler(
+            optimizer, total_steps=self.total_steps, warmup_steps=cfg.schedule.warmup_steps,
+            kind=cfg.schedule.kind, peak_lr=cfg.optim.lr, min_lr=cfg.schedule.min_lr,
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            mpu=_SequenceParallelMPU(self.mesh) if cfg.parallel.sp_size > 1 else None,
+        )
+        self.offload = None
+        if cfg.parallel.offload == "interleaved":
+            from distvit.engine.offload import enable_interleaved_offload
+
+            self.offload = enable_interleaved_offload(self.engine, cfg.parallel.offload_gpu_fraction, logger=log0)
+        self.ema = self._build_ema(model)
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+
+        self.step = 0
+        self.epoch = 0
+        self.best = {"val_top1": None, "val_top5": None}
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+        self._start_step = self.step
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.metrics = MetricsWriter(
+            self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard,
+            resume_step=self.step if self.resume_from is not None else None,
+        )
+        self.peak_tflops = device_peak_tflops(self.device, cfg.log.peak_tflops)
+        self._stop_requested = False
+        self._print_plan(ds_config)
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _resolve_resume(self, resume: str | None) -> Path | None:
+        if resume:
+            found = ckio.resolve_resume(resume, self.ckpt_root, log=log0)
+            if found is None:
+                log0(f"--resume {resume}: no complete checkpoint in {self.ckpt_root} yet; starting from scratch")
+            return found
+        if ckio.list_checkpoints(self.ckpt_root):
+            raise ConfigError(
+                f"run folder '{self.run_dir}' already holds checkpoints; continue it with --resume auto, "
+                f"or start a new run with --set run.name=<new name> (nothing was overwritten)"
+            )
+        return None
+
+    def _build_ema(self, model: torch.nn.Module):
+        decay = self.cfg.optim.ema_decay
+        if decay is None:
+            return None
+        if self.cfg.parallel.zero_stage == 3:
+            raise ConfigError(
+                "optim.ema_decay needs full weights on every rank, which ZeRO-3 partitions; "
+                "use parallel.zero_stage <= 2 or set optim.ema_decay=null"
+            )
+        ema = copy.deepcopy(self.engine.module).float().eval()
+        for p in ema.parameters():
+            p.requires_grad_(False)
+        return ema
+
+    def _print_plan(self, ds_config: dict) -> None:
+        cfg = self.cfg
+        global_batch = cfg.data.batch_size * cfg.parallel.grad_accum * self.mesh.dp_size
+        tokens = getattr(getattr(self.engine.module, "patch_embed", None), "num_patches", None)
+        lines = [
+            f"distvit: {cfg.model.name} ({self.num_params / 1e6:.2f}M params) on {self.mesh.world_size} rank(s) "
+            f"[{self.info.launcher}], dp={self.mesh.dp_size} sp={self.mesh.sp_size}, device={self.device.type}, "
+            f"ZeRO-{cfg.parallel.zero_stage}, {self.precision}, offload={cfg.parallel.offload}",
+            f"  global batch {global_batch} = {cfg.data.batch_size} per rank x {cfg.parallel.grad_accum} accum x "
+            f"{self.mesh.dp_size} dp; {self.steps_per_epoch} steps/epoch; {self.total_steps} steps in all"
+            + (f"; {tokens} tokens/image, {tokens * global_batch} tokens/step" if tokens else ""),
+        ]
+        if self.flops_per_image:
+            lines.append(f"  {3 * self.flops_per_image * global_batch / 1e12:.4f} TFLOPs/step (fwd+bwd)")
+        if self.resume_from is not None:
+            lines.append(f"  resumed from {self.resume_from} at step {self.step}, epoch {self.epoch}")
+        lines.append(f"  run folder: {self.run_dir}")
+        log0("\n".join(lines))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        tag = ckio.tag_for_step(self.step)
+        tag_dir = self.ckpt_root / tag
+        if ckio.is_complete(tag_dir):
+            return tag_dir
+        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, save_latest=False,
+                                    client_state={"distvit_step": self.step, "distvit_epoch": self.epoch})
+        ckio.atomic_torch_save(
+            {"rng": rng_state(self.device), "data": self.train_loader.state_dict(), "epoch": self.epoch,
+             "step": self.step, "best": self.best,
+             "ema": None if self.ema is None else self.ema.state_dict()},
+            tag_dir / ckio.rank_state_file(self.rank),
+        )
+        _test_fault("crash_in_save", self.step)
+        ddist.barrier()
+        if self.is_main:
+            ckio.mark_complete(tag_dir, {
+                "step": self.step, "epoch": self.epoch, "world_size": self.mesh.world_size,
+                "dp_size": self.mesh.dp_size, "sp_size": self.mesh.sp_size,
+                "zero_stage": self.cfg.parallel.zero_stage, "model": self.cfg.model.name,
+                "precision": self.precision, "config": self.cfg.model_dump(mode="json"),
+            })
+            ckio.prune(self.ckpt_root, self.cfg.checkpoint.keep)
+        ddist.barrier()
+        return tag_dir
+
+    def _load(self, tag_dir: Path) -> None:
+        meta = ckio.read_meta(tag_dir)
+        if meta.get("world_size") != self.mesh.world_size or meta.get("sp_size") != self.mesh.sp_size:
+            raise ConfigError(
+                f"checkpoint {tag_dir} was saved by {meta.get('world_size')} ranks (sp={meta.get('sp_size')}), "
+                f"this run has {self.mesh.world_size} (sp={self.mesh.sp_size}); resume on the same world size, or "
+                f"consolidate it (`distvit ckpt consolidate`) and start from the weights with --set model.checkpoint=FILE"
+            )
+        load_path, _ = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+        state = torch.load(tag_dir / ckio.rank_state_file(self.rank), map_location="cpu", weights_only=False)
+        self.step, self.epoch, self.best = state["step"], state["epoch"], state["best"]
+        self.train_loader.load_state_dict(state["data"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"], self.device)
+
+    # ------------------------------------------------------------------ loop
+
+    def _should_stop_for_signal(self) -> bool:
+        # A preemption signal on any rank stops all of them at the same step.
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        if dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self._stop_requested = True
+            log0(f"signal {signum}: saving a checkpoint after this step, then exiting for requeue")
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread (e.g. under some notebook runners)
+                pass
+
+    def _micro_batches(self):
+        """Yield micro-batches forever, advancing epochs; the loader resumes mid-epoch by itself."""
+        while True:
+            self.train_loader.set_epoch(self.epoch)
+            for batch in self.train_loader:
+                yield batch
+            self.epoch += 1
+
+    def train_step(self, batches) -> dict:
+        engine = self.engine
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        images_seen = 0
+        for _ in range(self.cfg.parallel.grad_accum):
+            images, labels = next(batches)
+            images = images.to(self.device, dtype=self.input_dtype, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            logits = engine(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().double().cpu()
+            images_seen += images.shape[0]
+        loss_mean = loss_sum / self.cfg.parallel.grad_accum
+        if dist.get_world_size() > 1:
+            dist.all_reduce(loss_mean, group=self.mesh.dp_group)
+            loss_mean /= self.mesh.dp_size
+        if not math.isfinite(loss_mean.item()):
+            raise TrainingDiverged(
+                f"loss is {loss_mean.item()} at step {self.step + 1}; stopped without saving, the last good "
+                f"checkpoint is {ckio.find_resume(self.ckpt_root, log=lambda *_: None) or 'none (none saved yet)'}; "
+                "lower optim.lr, raise schedule.warmup_steps or set optim.grad_clip"
+            )
+        self.step += 1
+        if self.ema is not None:
+            self._update_ema()
+        grad_norm = engine.get_global_grad_norm()
+        return {
+            "loss": loss_mean.item(),
+            "lr": engine.get_lr()[0],
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "images": images_seen * self.mesh.dp_size,
+        }
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.cfg.optim.ema_decay
+        src = [p.detach().float() for p in self.engine.module.parameters()]
+        dst = list(self.ema.parameters())
+        torch._foreach_lerp_(dst, src, 1.0 - decay)
+
+    @torch.no_grad()
+    def evaluate(self, module: torch.nn.Module | None = None) -> dict:
+        """Loss, top-1, top-5 over the whole val set, exact: padded samples are masked out."""
+        if self.val_loader is None:
+            return {}
+        model = self.engine if module is None else module
+        model.eval()
+        totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top1, top5, count
+        dtype = self.input_dtype if module is None else torch.float32
+        for images, labels, valid in self.val_loader:
+            images = images.to(self.device, dtype=dtype)
+            labels, valid = labels.to(self.device), valid.to(self.device)
+            logits = model(images).float()
+            loss = F.cross_entropy(logits, labels, reduction="none")
+            top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            hit = top5 == labels[:, None]
+            totals += torch.stack([
+                (loss * valid).sum(), (hit[:, 0] & valid).sum(), (hit.any(-1) & valid).sum(), valid.sum(),
+            ]).double().cpu()
+        if dist.get_world_size() > 1:
+            dist.all_reduce(totals, group=self.mesh.dp_group)
+        model.train()
+        count = max(totals[3].item(), 1.0)
+        return {"val_loss": totals[0].item() / count, "val_top1": 100 * totals[1].item() / count,
+                "val_top5": 100 * totals[2].item() / count, "val_count": int(totals[3].item())}
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self._install_signal_handlers()
+        start = time.perf_counter()
+        batches = self._micro_batches()
+        progress = None
+        if self.is_main and cfg.log.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                            file=sys.stdout, mininterval=1.0)
+        eval_every = cfg.run.eval_every or self.steps_per_epoch
+        images_timed, time_timed = 0, 0.0
+        last_eval: dict = {}
+        exit_reason = "finished"
+        self.engine.train()
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                out = self.train_step(batches)
+                dt = time.perf_counter() - t0
+                images_timed += out["images"]
+                time_timed += dt
+                row = None
+                if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
+                    row = self._metrics_row(out, images_timed / max(time_timed, 1e-9), time_timed / max(1, cfg.log.every_steps))
+                    images_timed, time_timed = 0, 0.0
+                if self.step % eval_every == 0 or self.step == self.total_steps:
+                    last_eval = self._evaluate_all()
+                    row = {**(row or {"step": self.step, "epoch": self.epoch}), **last_eval}
+                if row is not None:
+                    self.metrics.log(row)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}",
+                                         **({"top1": f"{last_eval['val_top1']:.1f}"} if "val_top1" in last_eval else {}))
+                every = cfg.checkpoint.every_steps
+                if every and self.step % every == 0 and self.step < self.total_steps:
+                    self.save()
+                if self._should_stop_for_signal():
+                    exit_reason = "preempted"
+                    break
+        finally:
+            if progress is not None:
+                progress.close()
+        tag_dir = self.save()
+        export = None
+        if exit_reason == "finished" and cfg.checkpoint.export:
+            export = self.export(tag_dir)
+        summary = self._summary(time.perf_counter() - start, last_eval, tag_dir, export, exit_reason)
+        self.metrics.close()
+        return summary
+
+    def _evaluate_all(self) -> dict:
+        result = self.evaluate()
+        if self.ema is not None and self.val_loader is not None:
+            result["ema_val_top1"] = self.evaluate(self.ema)["val_top1"]
+        if "val_top1" in result and (self.best["val_top1"] is None or result["val_top1"] > self.best["val_top1"]):
+            self.best = {"val_top1": result["val_top1"], "val_top5": result["val_top5"]}
+        return result
+
+    def _metrics_row(self, out: dict, img_per_s: float, step_time: float) -> dict:
+        tflops = mfu = None
+        if self.flops_per_image:
+            tflops = 3 * self.flops_per_image * img_per_s / 1e12 / self.mesh.world_size  # per rank
+            mfu = tflops / self.peak_tflops if self.peak_tflops else None
+        stats = self.train_loader.stats()
+        return {
+            "step": self.step, "epoch": self.epoch, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+            "img_per_s": img_per_s, "step_time_s": step_time, "tflops": tflops, "mfu": mfu,
+            "peak_mem_gib": peak_memory_gib(self.device), "bad_samples": self._sum_over_ranks(stats.get("bad_samples", 0)),
+        }
+
+    def _sum_over_ranks(self, value: int) -> int:
+        t = torch.tensor([float(value)])
+        if dist.get_world_size() > 1:
+            dist.all_reduce(t, group=self.mesh.dp_group)
+        return int(t.item())
+
+    def export(self, tag_dir: Path) -> Path | None:
+        """Consolidate the final checkpoint to fp32 safetensors that models.create(..., checkpoint=) loads."""
+        from distvit.checkpoint.consolidate import consolidate
+
+        out = self.run_dir / "model.safetensors"
+        ddist.barrier()
+        if self.is_main:
+            consolidate(tag_dir, out, overwrite=True)
+        ddist.barrier()
+        return out
+
+    def _summary(self, wall_s: float, last_eval: dict, tag_dir: Path, export: Path | None, reason: str) -> dict:
+        global_batch = self.cfg.data.batch_size * self.cfg.parallel.grad_accum * self.mesh.dp_size
+        summary = {
+            "status": reason, "steps": self.step, "epochs": self.step / self.steps_per_epoch, "wall_s": wall_s,
+            "img_per_s": self._throughput(global_batch, wall_s),
+            "final_top1": last_eval.get("val_top1"), "final_top5": last_eval.get("val_top5"),
+            "best_top1": self.best["val_top1"], "best_top5": self.best["val_top5"],
+            "checkpoint": str(tag_dir), "weights": None if export is None else str(export),
+            "run_dir": str(self.run_dir),
+        }
+        if self.is_main:
+            ckio.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        return summary
+
+    def _throughput(self, global_batch: int, wall_s: float) -> float:
+        return (self.step - self._start_step) * global_batch / max(wall_s, 1e-9)
+
+
+class _SequenceParallelMPU:
+    """What DeepSpeed asks of an `mpu` so that ZeRO reduces and partitions over dp only."""
+
+    def __init__(self, mesh: ddist.Mesh):
+        self.mesh = mesh
+
+    def get_data_parallel_group(self):
+        return self.mesh.dp_group
+
+    def get_data_parallel_world_size(self):
+        return self.mesh.dp_size
+
+    def get_data_parallel_rank(self):
+        return self.mesh.dp_rank
+
+    def get_model_parallel_group(self):
+        return self.mesh.sp_group
+
+    def get_model_parallel_world_size(self):
+        return self.mesh.sp_size
+
+    def get_model_parallel_rank(self):
+        return self.mesh.sp_rank
+
+
+def _test_fault(point: str, step: int) -> None:
+    """Fault injection for the resume tests: DISTVIT_TEST_FAULT=<point>:<step>[:<rank>] SIGKILLs this process."""
+    spec = os.environ.get("DISTVIT_TEST_FAULT")
+    if not spec:
+        return
+    name, at, *rank = spec.split(":")
+    if name == point and int(at) == step and (not rank or int(rank[0]) == dist.get_rank()):
+        os.kill(os.getpid(), signal.SIGKILL)

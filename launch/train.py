@@ -1,0 +1,18 @@
+"""Train a vision transformer: parse -> Config -> Trainer -> fit.
+
+    python launch/train.py --config configs/demo_digits.yaml            # one process
+    deepspeed --num_gpus 8 launch/train.py --config configs/vit_base_imagenet.yaml
+    torchrun --nproc-per-node 8 launch/train.py --config ...
+    accelerate launch --num_processes 8 launch/train.py --config ...
+    mpirun -np 8 python launch/train.py --config ...
+    sbatch slurm/train.sbatch configs/vit_base_imagenet.yaml
+    # on CPU-only machines: DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/train.py ...
+
+Options: --set section.key=value (repeatable), --resume auto|PATH, --print-config.
+"""
+import sys
+
+from distvit.cli import train
+
+if __name__ == "__main__":
+    sys.exit(train(sys.argv[1:]))
