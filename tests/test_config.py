@@ -1,0 +1,158 @@
+"""Config loading, inheritance, overrides and every user-facing error (message asserted)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distvit.config import CONFIG_DIR, Config, ConfigError, load_config, parse_override, shipped_configs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.model.name == "vit_digits"
+    assert cfg.parallel.zero_stage == 2
+
+
+def test_every_shipped_config_loads():
+    names = shipped_configs()
+    assert "demo_digits.yaml" in names
+    for name in names:
+        load_config(CONFIG_DIR / name)
+
+
+def test_inheritance_and_overrides(tmp_path):
+    base = write(tmp_path / "base.yaml", "run: {name: base, seed: 3}\noptim: {lr: 0.1, betas: [0.8, 0.9]}\n")
+    write(tmp_path / "child.yaml", "base: base.yaml\nrun: {name: child}\nparallel: {zero_stage: 3}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["optim.lr=3e-4", "data.num_workers=2", "log.peak_tflops=null",
+                                                "optim.betas=[0.9, 0.95]", "log.tensorboard=false"])
+    assert cfg.run.name == "child" and cfg.run.seed == 3  # child wins, base fills in
+    assert cfg.parallel.zero_stage == 3
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.data.num_workers == 2
+    assert cfg.log.peak_tflops is None
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert cfg.log.tensorboard is False
+    assert base.exists()
+
+
+def test_multiple_bases_merge_in_order(tmp_path):
+    write(tmp_path / "a.yaml", "run: {name: a, seed: 1}\n")
+    write(tmp_path / "b.yaml", "run: {name: b}\n")
+    write(tmp_path / "c.yaml", "base: [a.yaml, b.yaml]\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.run.name, cfg.run.seed) == ("b", 1)
+
+
+def test_unknown_key_in_file_names_file_and_suggestion(tmp_path):
+    f = write(tmp_path / "bad.yaml", "optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert "unknown config key 'optim.lrr'" in msg
+    assert str(f.resolve()) in msg
+    assert "did you mean 'optim.lr'?" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_key_from_flag_names_flag():
+    with pytest.raises(ConfigError, match=r"unknown config key 'parallel.zero_stag' \(from --set parallel.zero_stag=3\); did you mean 'parallel.zero_stage'\?"):
+        load_config(None, ["parallel.zero_stag=3"])
+
+
+def test_key_in_wrong_section_is_suggested():
+    with pytest.raises(ConfigError, match=r"did you mean 'optim.lr'\?"):
+        load_config(None, ["run.lr=0.1"])
+
+
+def test_unknown_section():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer'.*did you mean 'optim'\?"):
+        load_config(None, ["optimizer.lr=1"])
+
+
+def test_wrong_type_names_key_value_and_type(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.batch_size=lots"])
+    msg = str(e.value)
+    assert "config key 'data.batch_size'" in msg and "--set data.batch_size=lots" in msg
+    assert "'lots'" in msg and "integer" in msg
+    f = write(tmp_path / "t.yaml", "run:\n  epochs: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"config key 'run.epochs' \(from .*t.yaml\): got \[1, 2\]"):
+        load_config(f)
+
+
+def test_literal_choice_error_lists_choices():
+    with pytest.raises(ConfigError, match=r"'parallel.offload'.*'gpu'.*'none', 'cpu' or 'interleaved'"):
+        load_config(None, ["parallel.offload=gpu"])
+
+
+def test_cross_field_rule_names_fix():
+    with pytest.raises(ConfigError, match=r"parallel.offload=interleaved .*set parallel.zero_stage=3"):
+        load_config(None, ["parallel.offload=interleaved", "parallel.zero_stage=2"])
+
+
+def test_missing_file_lists_shipped_configs():
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/nope.yaml")
+    assert "config file 'configs/nope.yaml' not found" in str(e.value)
+    assert "demo_digits.yaml" in str(e.value)
+
+
+def test_config_by_name():
+    assert load_config("demo_digits").run.name == "demo_digits"
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        parse_override("optim.lr")
+    with pytest.raises(ConfigError, match="must name a section and a field"):
+        parse_override("lr=3")
+
+
+def test_inheritance_loop(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="config inheritance loops"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_yaml_round_trip():
+    cfg = load_config("demo_digits", ["optim.lr=0.01"])
+    again = Config.model_validate(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_print_config_cli():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "launch/train.py"), "--config", "configs/demo_digits.yaml", "--print-config",
+         "--set", "optim.lr=0.5"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout
+    printed = yaml.safe_load(out)
+    assert printed["optim"]["lr"] == 0.5
+    assert printed["model"]["name"] == "vit_digits"
+
+
+def test_cli_error_is_one_line_exit_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "distvit.cli", "train", "--set", "optim.lrr=1", "--print-config"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("distvit: error: unknown config key 'optim.lrr'")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_distvit_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "distvit.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for sub in ("train", "data", "ckpt"):
+        assert sub in out
