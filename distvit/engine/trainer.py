@@ -65,6 +65,21 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_model(cfg: Config) -> torch.nn.Module:
+    """The model the config names, sized for its data (classes from the shards' manifest)."""
+    manifest = read_manifest(cfg.data.train)
+    num_classes = cfg.model.num_classes or (manifest or {}).get("num_classes")
+    overrides = dict(
+        img_size=cfg.model.img_size or cfg.data.img_size,
+        in_chans=cfg.model.in_chans or cfg.data.in_chans,
+        drop_path_rate=cfg.model.drop_path_rate,
+        attn_backend=cfg.model.attn_backend,
+    )
+    if num_classes:
+        overrides["num_classes"] = num_classes
+    return models.create(cfg.model.name, checkpoint=cfg.model.checkpoint, **overrides)
+
+
 class Trainer:
     def __init__(self, cfg: Config, *, resume: str | None = None):
         import deepspeed
@@ -83,17 +98,7 @@ class Trainer:
 
         # Identical initial weights on every rank (ZeRO-3 partitions whatever each rank built).
         seed_all(cfg.run.seed)
-        manifest = read_manifest(cfg.data.train)
-        num_classes = cfg.model.num_classes or (manifest or {}).get("num_classes")
-        overrides = dict(
-            img_size=cfg.model.img_size or cfg.data.img_size,
-            in_chans=cfg.model.in_chans or cfg.data.in_chans,
-            drop_path_rate=cfg.model.drop_path_rate,
-            attn_backend=cfg.model.attn_backend,
-        )
-        if num_classes:
-            overrides["num_classes"] = num_classes
-        model = models.create(cfg.model.name, checkpoint=cfg.model.checkpoint, **overrides)
+        model = build_model(cfg)
         if cfg.parallel.activation_checkpointing:
             model.set_grad_checkpointing(True)
         self.flops_per_image = float(model.flops_per_image()) if hasattr(model, "flops_per_image") else None
@@ -290,6 +295,8 @@ class Trainer:
             labels = labels.to(self.device, non_blocking=True)
             logits = engine(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
+            if _fault_armed("nan_loss", self.step + 1):
+                loss = loss * float("nan")
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().double().cpu()
@@ -367,6 +374,7 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
+                _test_fault("kill_at_step", self.step)
                 out = self.train_step(batches)
                 dt = time.perf_counter() - t0
                 images_timed += out["images"]
@@ -481,11 +489,16 @@ class _SequenceParallelMPU:
         return self.mesh.sp_rank
 
 
-def _test_fault(point: str, step: int) -> None:
-    """Fault injection for the resume tests: DISTVIT_TEST_FAULT=<point>:<step>[:<rank>] SIGKILLs this process."""
+def _fault_armed(point: str, step: int) -> bool:
+    """Fault injection for the resume tests: DISTVIT_TEST_FAULT=<point>:<step>[:<rank>]."""
     spec = os.environ.get("DISTVIT_TEST_FAULT")
     if not spec:
-        return
+        return False
     name, at, *rank = spec.split(":")
-    if name == point and int(at) == step and (not rank or int(rank[0]) == dist.get_rank()):
+    return name == point and int(at) == step and (not rank or int(rank[0]) == dist.get_rank())
+
+
+def _test_fault(point: str, step: int) -> None:
+    """SIGKILL this process at the armed point (a real kill -9: no cleanup, no atexit)."""
+    if _fault_armed(point, step):
         os.kill(os.getpid(), signal.SIGKILL)

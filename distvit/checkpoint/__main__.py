@@ -1,0 +1,5 @@
+import sys
+
+from distvit.checkpoint.cli import main
+
+sys.exit(main())

@@ -1,0 +1,137 @@
+"""`distvit ckpt` (also `python -m distvit.checkpoint`): look after a run's checkpoints.
+
+    distvit ckpt inspect runs/demo/checkpoints            # step, world size, ZeRO stage, data cursor, sizes
+    distvit ckpt verify runs/demo/checkpoints/step_00000100
+    distvit ckpt consolidate runs/demo/checkpoints --out model.safetensors
+    distvit ckpt prune runs/demo/checkpoints --keep 2
+
+DIR may be a checkpoints folder (its newest complete checkpoint is used) or one step_* folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from distvit.checkpoint import io as ckio
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def resolve_tag_dir(path: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{path}: no such folder; give a run's checkpoints folder or one of its step_* folders")
+    if ckio.step_of(p.name) is not None:
+        return p
+    found = ckio.find_resume(p, log=lambda msg: print(msg, file=sys.stderr))
+    if found is None:
+        raise CheckpointError(f"{path}: no complete checkpoint (a step_* folder with {ckio.COMPLETE}) in this folder")
+    return found
+
+
+def verify(tag_dir: Path) -> list[str]:
+    """Every file a complete checkpoint needs, present and readable; returns the problems found."""
+    problems = []
+    if not (tag_dir / ckio.COMPLETE).is_file():
+        problems.append(f"{tag_dir / ckio.COMPLETE}: missing (the save was interrupted)")
+    if not (tag_dir / ckio.META).is_file():
+        return problems + [f"{tag_dir / ckio.META}: missing"]
+    try:
+        meta = ckio.read_meta(tag_dir)
+    except (OSError, json.JSONDecodeError) as exc:
+        return problems + [f"{tag_dir / ckio.META}: unreadable ({exc})"]
+    world, stage = meta["world_size"], meta["zero_stage"]
+    expected = [ckio.rank_state_file(r) for r in range(world)]
+    if stage == 3:
+        expected += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(meta["dp_size"])]
+    else:
+        expected.append("mp_rank_00_model_states.pt")
+    if stage >= 1:
+        expected += [f"{'bf16_' if meta.get('precision') == 'bf16' and stage < 3 else ''}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+                     for r in range(meta["dp_size"])]
+    for name in expected:
+        f = tag_dir / name
+        if not f.is_file():
+            problems.append(f"{f}: missing")
+            continue
+        try:
+            torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - any failure to read is what we report
+            problems.append(f"{f}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+    return problems
+
+
+def inspect(tag_dir: Path) -> dict:
+    meta = ckio.read_meta(tag_dir)
+    sizes = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
+    rank0 = torch.load(tag_dir / ckio.rank_state_file(0), map_location="cpu", weights_only=False)
+    return {
+        "path": str(tag_dir), "step": meta["step"], "epoch": meta["epoch"], "world_size": meta["world_size"],
+        "dp_size": meta["dp_size"], "sp_size": meta["sp_size"], "zero_stage": meta["zero_stage"],
+        "precision": meta.get("precision"), "model": meta["model"], "complete": ckio.is_complete(tag_dir),
+        "data_cursor_rank0": rank0.get("data"), "total_bytes": sum(sizes.values()), "files": sizes,
+        "config": meta["config"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distvit ckpt", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("inspect", help="describe a checkpoint")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true", help="print JSON (with the full config)")
+    p = sub.add_parser("verify", help="check every expected file is present and readable")
+    p.add_argument("dir")
+    p = sub.add_parser("consolidate", help="merge ZeRO shards into one fp32 safetensors file")
+    p.add_argument("dir")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("prune", help="delete all but the newest K complete checkpoints")
+    p.add_argument("dir")
+    p.add_argument("--keep", type=int, required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "prune":
+            removed = ckio.prune(Path(args.dir), args.keep)
+            print(f"removed {len(removed)} checkpoint(s)" + "".join(f"\n  {p}" for p in removed))
+            return 0
+        tag_dir = resolve_tag_dir(args.dir)
+        if args.cmd == "verify":
+            problems = verify(tag_dir)
+            for line in problems:
+                print(f"bad: {line}")
+            print(f"{tag_dir}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+            return 1 if problems else 0
+        if args.cmd == "inspect":
+            info = inspect(tag_dir)
+            if args.json:
+                print(json.dumps(info, indent=2, default=str))
+            else:
+                for key in ("path", "step", "epoch", "model", "world_size", "dp_size", "sp_size", "zero_stage",
+                            "precision", "complete", "data_cursor_rank0"):
+                    print(f"{key:>18}: {info[key]}")
+                print(f"{'size':>18}: {info['total_bytes'] / 2**20:.1f} MiB in {len(info['files'])} files")
+            return 0
+        if args.cmd == "consolidate":
+            from distvit.checkpoint.consolidate import consolidate
+
+            problems = verify(tag_dir)
+            if problems:
+                raise CheckpointError(f"{tag_dir} is not a complete checkpoint: {problems[0]}")
+            out = consolidate(tag_dir, Path(args.out), overwrite=args.overwrite)
+            print(f"wrote {out} (fp32, from {tag_dir})")
+            return 0
+    except (CheckpointError, FileExistsError, FileNotFoundError) as exc:
+        print(f"distvit ckpt: error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

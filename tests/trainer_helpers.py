@@ -1,0 +1,67 @@
+"""Shared pieces of the trainer tests: launching real runs and reading what they left on disk."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    from distvit.dist import free_port as fp
+
+    return fp()
+
+
+def run_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def launch(args: list[str], *, nproc: int = 2, launcher: str = "torchrun", env: dict | None = None,
+           timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run launch/train.py under a real launcher; returns the finished process (output captured)."""
+    script = str(ROOT / "launch" / "train.py")
+    port = str(free_port())
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}", script]
+    elif launcher == "deepspeed":
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", str(nproc), "--master_port", port, script]
+    elif launcher == "python":
+        cmd = [sys.executable, script]
+    else:
+        raise ValueError(launcher)
+    proc = subprocess.run(cmd + args, cwd=ROOT, env=env or run_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd + args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def losses(run_dir: Path) -> list[tuple[int, str]]:
+    """(step, loss as written) for every logged step: compared as text, i.e. bitwise."""
+    return [(int(r["step"]), r["loss"]) for r in read_metrics(run_dir) if r["loss"]]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
