@@ -1,0 +1,126 @@
+"""The `data:` section of the run config: where the shards are and how samples become batches.
+
+Defaults fit the built-in digits demo (`distvit data write digits --out data/digits`): 8x8
+grayscale images, no flip (a mirrored digit is another glyph). For ImageNet-style RGB data set
+`in_chans: 3`, `img_size: 224`, `hflip: 0.5`, `train_crop_scale: [0.08, 1.0]`.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+# Used when neither the config nor the dataset.json manifest gives statistics.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Shards: a local path, a brace pattern (`train-{000000..000127}.tar`), a glob (`train-*.tar`,
+    # local only), several joined with `::`, or any URL webdataset opens (`pipe:...`, `http://...`).
+    train: str = "data/digits/train-*.tar"
+    val: str | None = "data/digits/val-*.tar"
+    # dataset.json (sample counts, classes, mean/std); None: looked up next to the shards.
+    manifest: str | None = None
+
+    batch_size: int = 64  # per data-parallel rank (the micro batch)
+    num_workers: int = 2  # DataLoader worker processes per rank; 0 reads in the training process
+    img_size: int = 8
+    in_chans: int = 1  # 1: decode as grayscale (digits), 3: RGB
+    mean: list[float] | None = None  # None: the manifest's, else ImageNet's
+    std: list[float] | None = None
+
+    shuffle: bool = True  # shard order and a sample block, both from (seed, epoch)
+    shuffle_buffer: int = 2048  # raw samples each worker holds and permutes at a time
+    # How an epoch is cut into equal per-rank, per-worker shares (docs/data.md, "Uneven shards"):
+    # "samples": contiguous sample ranges, shards may be read partly by two workers; every sample
+    #            once per epoch whatever the shard count (except the drop_last tail).
+    # "shards":  whole shards round-robin (webdataset's split_by_node/split_by_worker); each share
+    #            is then cut or wrapped to the same number of batches.
+    shard_split: Literal["samples", "shards"] = "samples"
+    drop_last: bool = True  # False: the last global batch is completed with samples from the epoch start
+
+    train_crop_scale: list[float] = [0.6, 1.0]  # random resized crop: area fraction range
+    train_crop_ratio: list[float] = [0.75, 1.3333333333333333]  # ... and aspect ratio range
+    hflip: float = 0.0  # probability of a horizontal flip
+    eval_crop_pct: float = 1.0  # eval: resize the short side to img_size / eval_crop_pct, center crop
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+
+    on_error: Literal["raise", "skip"] = "skip"  # bad tar / image / label: stop, or warn, count and go on
+    max_logged_errors: int = 20  # per worker and epoch; the rest are counted only
+
+    pin_memory: bool | None = None  # None: on when CUDA is available
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    worker_timeout_s: float = 300.0  # a worker silent this long is an error, not a hang (0: wait forever)
+    mp_context: Literal["fork", "spawn", "forkserver"] | None = None  # None: torch's default
+
+    @field_validator("batch_size", "img_size", "shuffle_buffer", "prefetch_factor")
+    @classmethod
+    def _positive(cls, v: int, info) -> int:
+        if v < 1:
+            raise ValueError(f"data.{info.field_name} must be >= 1, got {v}")
+        return v
+
+    @field_validator("num_workers", "max_logged_errors")
+    @classmethod
+    def _non_negative(cls, v: int, info) -> int:
+        if v < 0:
+            raise ValueError(f"data.{info.field_name} must be >= 0, got {v}")
+        return v
+
+    @field_validator("in_chans")
+    @classmethod
+    def _chans(cls, v: int) -> int:
+        if v not in (1, 3):
+            raise ValueError(f"data.in_chans must be 1 (grayscale) or 3 (RGB), got {v}")
+        return v
+
+    @field_validator("hflip")
+    @classmethod
+    def _prob(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"data.hflip is a probability in [0, 1], got {v}")
+        return v
+
+    @field_validator("eval_crop_pct")
+    @classmethod
+    def _crop_pct(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"data.eval_crop_pct must be in (0, 1], got {v} (0.875 is the usual ImageNet value)")
+        return v
+
+    @field_validator("worker_timeout_s")
+    @classmethod
+    def _timeout(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError(f"data.worker_timeout_s must be >= 0 (0: no timeout), got {v}")
+        return v
+
+    @field_validator("train_crop_scale")
+    @classmethod
+    def _scale(cls, v: list[float]) -> list[float]:
+        if len(v) != 2 or not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError(f"data.train_crop_scale must be [low, high] with 0 < low <= high <= 1, got {v}")
+        return v
+
+    @field_validator("train_crop_ratio")
+    @classmethod
+    def _ratio(cls, v: list[float]) -> list[float]:
+        if len(v) != 2 or not 0.0 < v[0] <= v[1]:
+            raise ValueError(f"data.train_crop_ratio must be [low, high] with 0 < low <= high, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _stats(self):
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.in_chans:
+                raise ValueError(
+                    f"data.{name} has {len(value)} values but data.in_chans={self.in_chans}; "
+                    f"give one value per channel or null to take them from the dataset manifest"
+                )
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"data.std must be > 0 per channel, got {self.std}")
+        return self
