@@ -82,10 +82,10 @@ def build_model(cfg: Config) -> torch.nn.Module:
 
 class Trainer:
     def __init__(self, cfg: Config, *, resume: str | None = None):
+        self.cfg = cfg
+        self.info, self.device = ddist.init(cfg.run.device)  # before DeepSpeed picks its accelerator
         import deepspeed
 
-        self.cfg = cfg
-        self.info, self.device = ddist.init(cfg.run.device)
         self.mesh = ddist.Mesh.build(cfg.parallel.sp_size)
         self.rank = self.mesh.rank
         self.is_main = self.rank == 0
