@@ -138,10 +138,10 @@ def _check_lengths(lengths, name, batch, capacity, device):
         if low < 0 or (capacity is not None and high > capacity):
             bound = f"0..{capacity} (the cache has {capacity} positions)" if capacity is not None else ">= 0"
             raise ValueError(f"decode_attention: {name} has values in {low}..{high}; they must be in {bound}")
-        return lengths.to(torch.int32)
+        return lengths.to(torch.int32).contiguous()
     # On accelerators a value check would stall the stream: clamp instead (documented).
     upper = capacity if capacity is not None else torch.iinfo(torch.int32).max
-    return lengths.clamp(0, upper).to(torch.int32)
+    return lengths.clamp(0, upper).to(torch.int32).contiguous()
 
 
 def _resolve_backend(backend, device):
