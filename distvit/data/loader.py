@@ -1,0 +1,211 @@
+"""The loaders the trainer uses: `build_train_loader` and `build_val_loader`.
+
+    loader = build_train_loader(cfg.data, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, seed=cfg.run.seed)
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)            # keeps the position when `epoch` is the loaded state's epoch
+        for images, labels in loader:      # exactly loader.steps_per_epoch batches on every rank
+            ...
+            state = loader.state_dict()    # small JSON-able dict; load_state_dict(state) resumes bitwise
+
+Both wrap a standard torch DataLoader over an IterableDataset (workers, pinned memory, timeout are
+torch's). A new DataLoader is made per epoch (and per resume), since its dataset carries the epoch
+and the cursors; workers therefore start afresh each epoch.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from distvit.data.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
+from distvit.data.errors import DataError
+from distvit.data.pipeline import StreamSpec, TrainStream, ValStream
+from distvit.data.shards import Shard, list_shards, steps_per_epoch, val_ranges
+
+STATE_VERSION = 1
+
+
+def resolve_stats(cfg: DataConfig, manifest: dict | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalization: the config's, else the manifest's, else ImageNet's; fitted to data.in_chans."""
+    mean = cfg.mean or (manifest or {}).get("mean") or list(IMAGENET_MEAN)
+    std = cfg.std or (manifest or {}).get("std") or list(IMAGENET_STD)
+
+    def fit(v):
+        if len(v) == cfg.in_chans:
+            return tuple(float(x) for x in v)
+        if cfg.in_chans == 1:  # RGB statistics for grayscale decoding: their average
+            return (sum(v) / len(v),)
+        return tuple(float(v[0]) for _ in range(cfg.in_chans))  # grayscale statistics for RGB: repeat
+
+    return fit(mean), fit(std)
+
+
+def _num_classes(manifest: dict | None) -> int | None:
+    return (manifest or {}).get("num_classes")
+
+
+def _spec(cfg: DataConfig, shards, manifest, *, seed, epoch, dp_rank, dp_size, steps, start_step=0, cursors=()):
+    mean, std = resolve_stats(cfg, manifest)
+    return StreamSpec(
+        shards=tuple(shards), seed=seed, epoch=epoch, dp_rank=dp_rank, dp_size=dp_size,
+        num_workers=max(1, cfg.num_workers), batch_size=cfg.batch_size, steps=steps,
+        shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer, shard_split=cfg.shard_split,
+        img_size=cfg.img_size, in_chans=cfg.in_chans, mean=mean, std=std,
+        crop_scale=tuple(cfg.train_crop_scale), crop_ratio=tuple(cfg.train_crop_ratio), hflip=cfg.hflip,
+        eval_crop_pct=cfg.eval_crop_pct, interpolation=cfg.interpolation, on_error=cfg.on_error,
+        max_logged_errors=cfg.max_logged_errors, num_classes=_num_classes(manifest),
+        start_step=start_step, cursors=tuple(cursors),
+    )
+
+
+def _data_loader(cfg: DataConfig, dataset) -> DataLoader:
+    workers = cfg.num_workers
+    pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
+    kwargs = {}
+    if workers > 0:
+        kwargs = dict(prefetch_factor=cfg.prefetch_factor, timeout=cfg.worker_timeout_s,
+                      multiprocessing_context=cfg.mp_context)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin, **kwargs)
+
+
+def _check_rank(dp_rank: int, dp_size: int) -> None:
+    if dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+
+
+class TrainLoader:
+    """Shuffled, augmented training batches; the same number of steps on every rank; exact resume."""
+
+    def __init__(self, cfg: DataConfig, *, dp_rank: int, dp_size: int, seed: int):
+        _check_rank(dp_rank, dp_size)
+        self.cfg, self.dp_rank, self.dp_size, self.seed = cfg, dp_rank, dp_size, seed
+        self.shards, self.manifest = list_shards(cfg.train, cfg.manifest, cfg.on_error)
+        self.num_samples = sum(s.samples for s in self.shards)
+        self.steps_per_epoch = steps_per_epoch(self.num_samples, dp_size, cfg.batch_size, cfg.drop_last,
+                                               f"training data '{cfg.train}'")
+        self.num_workers = max(1, cfg.num_workers)
+        self.epoch = 0
+        self._step = 0  # batches of self.epoch consumed
+        self._cursors: list[dict | None] = [None] * self.num_workers
+        self._bad_before_epoch = 0
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first batch; a no-op when already positioned in `epoch` (e.g. after resume)."""
+        if epoch != self.epoch:
+            self._finish_epoch()
+            self.epoch = epoch
+
+    def _finish_epoch(self) -> None:
+        self._bad_before_epoch += self._bad_this_epoch()
+        self._step = 0
+        self._cursors = [None] * self.num_workers
+
+    def _bad_this_epoch(self) -> int:
+        return sum(c["bad"] for c in self._cursors if c)
+
+    def __iter__(self):
+        if self._step >= self.steps_per_epoch:  # iterating a finished epoch again: same order, from the start
+            self._finish_epoch()
+        spec = _spec(self.cfg, self.shards, self.manifest, seed=self.seed, epoch=self.epoch,
+                     dp_rank=self.dp_rank, dp_size=self.dp_size, steps=self.steps_per_epoch,
+                     start_step=self._step, cursors=self._cursors)
+        loader = _data_loader(self.cfg, TrainStream(spec))
+        W = self.num_workers
+        it = iter(loader)
+        try:
+            while self._step < self.steps_per_epoch:
+                try:
+                    images, labels, cursor = next(it)
+                except StopIteration:
+                    raise RuntimeError(
+                        f"data loader of rank {self.dp_rank} ended after {self._step} of {self.steps_per_epoch} "
+                        f"batches in epoch {self.epoch}; this is a bug in distvit.data, please report it"
+                    ) from None
+                expected = (self._step % W, self._step // W + 1)
+                if (cursor["worker"], cursor["batches"]) != expected:
+                    raise RuntimeError(f"batch {self._step} came from worker {cursor['worker']} batch "
+                                       f"{cursor['batches']}, expected {expected}; DataLoader order changed")
+                self._cursors[cursor["worker"]] = cursor
+                self._step += 1
+                yield images, labels
+        finally:
+            del it  # shuts the workers down even when the caller stops early
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION, "epoch": self.epoch, "step": self._step, "seed": self.seed,
+            "dp_rank": self.dp_rank, "dp_size": self.dp_size, "num_workers": self.num_workers,
+            "batch_size": self.cfg.batch_size, "steps_per_epoch": self.steps_per_epoch,
+            "num_samples": self.num_samples, "num_shards": len(self.shards), "shard_split": self.cfg.shard_split,
+            "shuffle": self.cfg.shuffle, "shuffle_buffer": self.cfg.shuffle_buffer,
+            "bad_before_epoch": self._bad_before_epoch,
+            "workers": [dict(c) if c else None for c in self._cursors],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where `state` was taken. Needs the same data, dp size, batch size, workers."""
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"loader state version {state.get('version')!r}, this distvit reads {STATE_VERSION}")
+        now = self.state_dict()
+        keys = ("seed", "dp_rank", "dp_size", "num_workers", "batch_size", "num_samples", "num_shards",
+                "shard_split", "shuffle", "shuffle_buffer")
+        diff = [f"{k}: saved {state[k]!r}, now {now[k]!r}" for k in keys if state.get(k) != now[k]]
+        if diff:
+            raise DataError(
+                "cannot resume the data loader exactly: " + "; ".join(diff) + ". Exact mid-epoch resume needs the "
+                "same shards, dp size, data.batch_size, data.num_workers and shuffle settings (0 and 1 workers "
+                "are the same); restore those, or drop the data state to restart the epoch"
+            )
+        self.epoch, self._step = int(state["epoch"]), int(state["step"])
+        self._bad_before_epoch = int(state["bad_before_epoch"])
+        self._cursors = [dict(c) if c else None for c in state["workers"]]
+
+    def stats(self) -> dict:
+        return {"bad_samples": self._bad_before_epoch + self._bad_this_epoch(), "epoch": self.epoch,
+                "step_in_epoch": self._step, "steps_per_epoch": self.steps_per_epoch}
+
+
+class ValLoader:
+    """Every val sample exactly once over all ranks (valid=True), the same number of batches on every rank."""
+
+    def __init__(self, cfg: DataConfig, *, dp_rank: int, dp_size: int):
+        _check_rank(dp_rank, dp_size)
+        if cfg.val is None:
+            raise DataError("data.val is not set; give the validation shard pattern, e.g. data.val=data/digits/val-*.tar")
+        self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
+        self.shards, self.manifest = list_shards(cfg.val, cfg.manifest, cfg.on_error)
+        self.num_samples = sum(s.samples for s in self.shards)
+        self.num_workers = max(1, cfg.num_workers)
+        self.num_batches, self._slices = val_ranges(self.num_samples, dp_size, dp_rank, cfg.batch_size, self.num_workers)
+        self.bad_samples = 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        spec = _spec(self.cfg, self.shards, self.manifest, seed=0, epoch=0, dp_rank=self.dp_rank,
+                     dp_size=self.dp_size, steps=self.num_batches)
+        bad = [0] * self.num_workers
+        it = iter(_data_loader(self.cfg, ValStream(spec, self._slices)))
+        try:
+            for i in range(self.num_batches):
+                try:
+                    images, labels, valid, worker_bad = next(it)
+                except StopIteration:
+                    raise RuntimeError(f"val loader of rank {self.dp_rank} ended after {i} of {self.num_batches} "
+                                       "batches; this is a bug in distvit.data, please report it") from None
+                bad[i % self.num_workers] = int(worker_bad)
+                self.bad_samples = sum(bad)
+                yield images, labels, valid
+        finally:
+            del it
+
+
+def build_train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, seed: int) -> TrainLoader:
+    return TrainLoader(cfg, dp_rank=dp_rank, dp_size=dp_size, seed=seed)
+
+
+def build_val_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int) -> ValLoader:
+    return ValLoader(cfg, dp_rank=dp_rank, dp_size=dp_size)

@@ -1,0 +1,134 @@
+"""Decode and augment one sample with PIL; normalize a whole batch at once.
+
+torchvision is not a dependency, so the two transforms ViT training needs are written here:
+random resized crop (torchvision's sampling: 10 tries of area/ratio, then a center fallback) and
+resize + center crop for evaluation. Both do crop and resize in one `Image.resize(box=...)`.
+Randomness comes from a per-sample generator seeded by (seed, epoch, shard, key), so a sample's
+augmentation does not depend on which worker reads it, and resuming needs no RNG state.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+from distvit.data.errors import BadSample
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "gif")
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def sample_rng(seed: int, epoch: int, url: str, key: str) -> random.Random:
+    digest = hashlib.blake2b(f"{seed}\0{epoch}\0{url.rsplit('/', 1)[-1]}\0{key}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
+
+
+def decode_image(sample: dict, in_chans: int) -> Image.Image:
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        have = sorted(k for k in sample if not k.startswith("__"))
+        raise BadSample(f"no image file (looked for .{'/.'.join(IMAGE_EXTS[:4])}; the sample has {have})")
+    try:
+        img = Image.open(io.BytesIO(sample[ext]))
+        img = img.convert("L" if in_chans == 1 else "RGB")  # convert() forces the full decode
+    except Exception as exc:
+        raise BadSample(f"cannot decode .{ext} image ({type(exc).__name__}: {exc})") from None
+    return img
+
+
+def decode_label(sample: dict, num_classes: int | None) -> int:
+    if "cls" in sample:
+        raw = sample["cls"]
+        try:
+            label = int(raw.decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            raise BadSample(f"label .cls is not an integer: {raw[:20]!r}") from None
+    elif "json" in sample:
+        try:
+            label = json.loads(sample["json"])["label"]
+        except Exception:
+            raise BadSample("no .cls file and the .json has no integer 'label'") from None
+        if not isinstance(label, int):
+            raise BadSample(f"label in .json is not an integer: {label!r}")
+    else:
+        raise BadSample("missing label (no .cls file)")
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise BadSample(f"label {label} is out of range [0, {num_classes}) of the manifest's classes")
+    return label
+
+
+def random_resized_box(width: int, height: int, scale, ratio, rng: random.Random) -> tuple[int, int, int, int]:
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            x, y = rng.randint(0, width - w), rng.randint(0, height - h)
+            return x, y, x + w, y + h
+    # Fallback: the largest center crop with the aspect ratio clamped into range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    x, y = (width - w) // 2, (height - h) // 2
+    return x, y, x + w, y + h
+
+
+def center_box(width: int, height: int, size: int, crop_pct: float) -> tuple[float, float, float, float]:
+    """The region that `resize(short side -> size / crop_pct)` then `center_crop(size)` would keep."""
+    side = min(width, height) * crop_pct
+    x, y = (width - side) / 2, (height - side) / 2
+    return x, y, x + side, y + side
+
+
+class TrainTransform:
+    def __init__(self, size: int, in_chans: int, scale, ratio, hflip: float, interpolation: str):
+        self.size, self.in_chans = size, in_chans
+        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
+        self.resample = RESAMPLE[interpolation]
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> np.ndarray:
+        box = random_resized_box(img.width, img.height, self.scale, self.ratio, rng)
+        out = img.resize((self.size, self.size), self.resample, box=box)
+        if self.hflip and rng.random() < self.hflip:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.asarray(out)
+
+
+class EvalTransform:
+    def __init__(self, size: int, in_chans: int, crop_pct: float, interpolation: str):
+        self.size, self.in_chans, self.crop_pct = size, in_chans, crop_pct
+        self.resample = RESAMPLE[interpolation]
+
+    def __call__(self, img: Image.Image, rng=None) -> np.ndarray:
+        box = center_box(img.width, img.height, self.size, self.crop_pct)
+        if img.size == (self.size, self.size) and box == (0, 0, self.size, self.size):
+            return np.asarray(img)  # already the right size: keep the pixels exactly
+        return np.asarray(img.resize((self.size, self.size), self.resample, box=box))
+
+
+class Normalize:
+    """uint8 HWC images -> float32 [B, C, H, W], (x / 255 - mean) / std, one vectorized op per batch."""
+
+    def __init__(self, mean, std):
+        self.scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, -1, 1, 1)
+        self.shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
+        batch = torch.from_numpy(np.stack(images))
+        if batch.dim() == 3:  # grayscale: add the channel axis
+            batch = batch.unsqueeze(-1)
+        batch = batch.permute(0, 3, 1, 2).float()
+        return batch.mul_(self.scale).sub_(self.shift).contiguous()

@@ -1,0 +1,303 @@
+"""Write webdataset shards (`{key}.png|jpg|webp` + `{key}.cls` + `{key}.json`) and their dataset.json.
+
+    write_digits("data/digits")                       # sklearn's 8x8 digits, seeded 80/20 split, seconds
+    write_imagefolder("photos/", "data/photos")       # photos/<class>/*.jpg, or photos/{train,val}/<class>/
+    write_csv("list.csv", "data/list")                # rows: path,label[,split]
+
+Shards go through webdataset's ShardWriter with a fixed mtime, so writing the same input twice gives
+byte-identical shards (and sha256). Files found on disk are stored as they are (no re-encoding: the
+loader decodes the original bytes). The manifest is written last and atomically; an existing output
+is refused unless overwrite=True, and then its manifest is removed first, so an interrupted rewrite
+never looks complete.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from distvit.data.errors import DataError
+from distvit.data.manifest import MANIFEST_NAME, write_manifest
+from distvit.data.transforms import IMAGE_EXTS
+
+FIXED_MTIME = 946684800  # 2000-01-01: reproducible tar bytes
+DEFAULT_SAMPLES_PER_SHARD = 1000
+DEFAULT_SHARD_BYTES = 1 << 30
+
+
+@dataclass
+class Record:
+    """One sample to write: encoded image bytes, its extension, the class index, provenance."""
+
+    key: str
+    image: bytes
+    ext: str
+    label: int
+    meta: dict
+
+
+def parse_size(text: str) -> int:
+    """'64MB' -> 67108864 (KB/MB/GB are powers of 1024; a bare number is bytes)."""
+    t = text.strip().upper().removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise ValueError(f"shard size '{text}' is not a size; use e.g. 500MB, 2GB or a byte count") from None
+    if value < 1:
+        raise ValueError(f"shard size '{text}' must be positive")
+    return int(value)
+
+
+def prepare_output(out_dir: Path, overwrite: bool) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    existing = sorted(p.name for p in out_dir.iterdir() if p.name == MANIFEST_NAME or p.suffix == ".tar")
+    if existing and not overwrite:
+        raise DataError(f"output '{out_dir}' already holds {', '.join(existing[:3])}{' ...' if len(existing) > 3 else ''}; "
+                        f"pass --overwrite (overwrite=True) to replace it, or choose another --out")
+    # Manifest first: from here until the new one is written the folder does not look complete.
+    for name in existing:
+        (out_dir / name).unlink()
+
+
+def write_split(records: Iterable[Record], out_dir: Path, split: str, *, samples_per_shard: int,
+                shard_bytes: int, progress: Callable[[int], None] | None = None) -> dict:
+    """Shards `{split}-000000.tar ...` in out_dir; returns the manifest's split entry."""
+    from webdataset import ShardWriter
+
+    shards: list[dict] = []
+    in_shard = [0]  # samples written to the open shard
+
+    def finished(fname: str) -> None:  # ShardWriter calls this as it closes each shard
+        data = Path(fname).read_bytes()
+        shards.append({"name": os.path.basename(fname), "samples": in_shard[0], "bytes": len(data),
+                       "sha256": hashlib.sha256(data).hexdigest()})
+        in_shard[0] = 0
+
+    pattern = str(out_dir / f"{split}-%06d.tar")
+    writer = ShardWriter(pattern, maxcount=samples_per_shard, maxsize=shard_bytes, post=finished,
+                         verbose=0, encoder=False, mtime=FIXED_MTIME)
+    try:
+        for rec in records:
+            meta = json_bytes(rec.meta)
+            writer.write({"__key__": rec.key, rec.ext: rec.image, "cls": str(rec.label).encode(), "json": meta})
+            in_shard[0] += 1
+            if progress:
+                progress(1)
+    finally:
+        writer.close()
+    if shards and shards[-1]["samples"] == 0:  # ShardWriter opens its first shard before any write
+        (out_dir / shards.pop()["name"]).unlink(missing_ok=True)
+    total = sum(s["samples"] for s in shards)
+    last = len(shards) - 1
+    return {"pattern": f"{split}-{{000000..{last:06d}}}.tar" if shards else None, "samples": total, "shards": shards}
+
+
+def json_bytes(obj: dict) -> bytes:
+    import json
+
+    return json.dumps(obj, sort_keys=True).encode()
+
+
+def image_stats(arrays: Iterable[np.ndarray], channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of pixel values in [0, 1] (accumulated in float64)."""
+    s = np.zeros(channels)
+    s2 = np.zeros(channels)
+    n = 0
+    for a in arrays:
+        a = a.reshape(-1, channels).astype(np.float64) / 255.0
+        s += a.sum(0)
+        s2 += (a * a).sum(0)
+        n += a.shape[0]
+    if n == 0:
+        return [0.5] * channels, [0.5] * channels
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean * mean, 1e-12))
+    return [round(float(x), 6) for x in mean], [round(float(x), 6) for x in std]
+
+
+def write_dataset(out_dir: str | Path, splits: dict[str, list[Record]], *, name: str, classes: list[str],
+                  channels: int, image_size: list[int] | None, mean: list[float], std: list[float],
+                  samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                  overwrite: bool = False, source: str = "", show_progress: bool = False) -> Path:
+    out = Path(out_dir)
+    prepare_output(out, overwrite)
+    manifest_splits = {}
+    for split, records in splits.items():
+        bar = _bar(len(records), f"writing {split}", show_progress)
+        manifest_splits[split] = write_split(records, out, split, samples_per_shard=samples_per_shard,
+                                             shard_bytes=shard_bytes, progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+    return write_manifest(out, {
+        "name": name, "source": source, "classes": classes, "num_classes": len(classes),
+        "image_size": image_size, "channels": channels, "mean": mean, "std": std, "splits": manifest_splits,
+    })
+
+
+def _bar(total: int, desc: str, show: bool):
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img")
+
+
+# ------------------------------------------------------------------------------------ sources
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", optimize=False, compress_level=1)
+    return buf.getvalue()
+
+
+def write_digits(out_dir: str | Path, *, samples_per_shard: int = 500, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 val_fraction: float = 0.2, seed: int = 0, overwrite: bool = False, show_progress: bool = False) -> Path:
+    """sklearn's 8x8 digits (1797 images, no download) as grayscale PNG shards; returns the manifest path."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
+    idx = np.arange(len(pixels))
+    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=digits.target)
+    splits = {}
+    for split, ids in (("train", np.sort(train_idx)), ("val", np.sort(val_idx))):
+        splits[split] = [Record(f"{split}_{i:06d}", png_bytes(pixels[i]), "png", int(digits.target[i]),
+                                {"index": int(i)}) for i in ids]
+    mean, std = image_stats((pixels[i] for i in train_idx), 1)
+    return write_dataset(out_dir, splits, name="digits", classes=[str(c) for c in range(10)], channels=1,
+                         image_size=[8, 8], mean=mean, std=std, samples_per_shard=samples_per_shard,
+                         shard_bytes=shard_bytes, overwrite=overwrite, source="sklearn.datasets.load_digits",
+                         show_progress=show_progress)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+
+
+def _split_items(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(len(items) * val_fraction))
+    val = set(order[:n_val])
+    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
+
+
+def _file_records(items: list[tuple[Path, int]], split: str, root: Path) -> list[Record]:
+    records = []
+    for i, (path, label) in enumerate(items):
+        ext = path.suffix.lower().lstrip(".")
+        ext = "jpg" if ext == "jpeg" else ext
+        try:
+            rel = str(path.relative_to(root))
+        except ValueError:
+            rel = str(path)
+        records.append(Record(f"{split}_{i:08d}", path.read_bytes(), ext, label, {"path": rel}))
+    return records
+
+
+def _folder_stats(items: list[tuple[Path, int]], stats_samples: int, seed: int) -> tuple[int, list[int] | None, list[float], list[float]]:
+    """Channels (1 if every image is grayscale), common size (or None) from headers; mean/std on a seeded subset."""
+    sizes, gray = set(), True
+    for path, _ in items:
+        with Image.open(path) as im:
+            sizes.add(im.size)
+            gray = gray and im.mode in ("L", "I;16", "1")
+    channels = 1 if gray else 3
+    subset = list(items)
+    random.Random(seed).shuffle(subset)
+    arrays = (np.asarray(Image.open(p).convert("L" if channels == 1 else "RGB")) for p, _ in subset[:stats_samples])
+    mean, std = image_stats(arrays, channels)
+    size = list(sizes.pop()[::-1]) if len(sizes) == 1 else None  # [H, W]
+    return channels, size, mean, std
+
+
+def write_imagefolder(src: str | Path, out_dir: str | Path, *, val_fraction: float = 0.1, seed: int = 0,
+                      stats_samples: int = 2000, **kw) -> Path:
+    """src/<class>/*.{jpg,png,webp} (split by val_fraction), or src/train/<class>/ + src/val/<class>/."""
+    src = Path(src)
+    if not src.is_dir():
+        raise DataError(f"imagefolder source '{src}' is not a directory; give a folder with one subfolder per class")
+    has_splits = (src / "train").is_dir() and (src / "val").is_dir()
+    base = src / "train" if has_splits else src
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"imagefolder source '{base}' has no class subfolders; expected {base}/<class>/<image>.jpg")
+    index = {c: i for i, c in enumerate(classes)}
+
+    def items_of(folder: Path) -> list[tuple[Path, int]]:
+        out = []
+        for c in sorted(p.name for p in folder.iterdir() if p.is_dir()):
+            if c not in index:
+                raise DataError(f"class folder '{folder / c}' is not among the train classes {classes[:5]}...; "
+                                f"val and train must have the same class folders")
+            out += [(p, index[c]) for p in _image_files(folder / c)]
+        return out
+
+    if has_splits:
+        train, val = items_of(src / "train"), items_of(src / "val")
+    else:
+        train, val = _split_items(items_of(src), val_fraction, seed)
+    if not train:
+        raise DataError(f"imagefolder source '{src}' holds no images with extensions {', '.join(IMAGE_EXTS)}")
+    channels, size, mean, std = _folder_stats(train, stats_samples, seed)
+    splits = {"train": _file_records(train, "train", src), "val": _file_records(val, "val", src)}
+    return write_dataset(out_dir, splits, name=src.name, classes=classes, channels=channels, image_size=size,
+                         mean=mean, std=std, source=f"imagefolder {src}", **kw)
+
+
+def write_csv(csv_path: str | Path, out_dir: str | Path, *, val_fraction: float = 0.1, seed: int = 0,
+              stats_samples: int = 2000, **kw) -> Path:
+    """Rows `path,label[,split]` (a header row is allowed); paths relative to the CSV's folder.
+
+    Labels that are all integers are class indices; otherwise class names (sorted -> indices)."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"csv source '{csv_path}' does not exist")
+    rows = []
+    with open(csv_path, newline="") as f:
+        for lineno, row in enumerate(csv.reader(f), 1):
+            if not row or row[0].startswith("#"):
+                continue
+            if lineno == 1 and row[0].strip().lower() in ("path", "file", "filename", "image"):
+                continue
+            if len(row) < 2:
+                raise DataError(f"{csv_path}:{lineno}: expected 'path,label[,split]', got {row}")
+            split = row[2].strip() if len(row) > 2 and row[2].strip() else None
+            if split not in (None, "train", "val"):
+                raise DataError(f"{csv_path}:{lineno}: split must be train or val, got '{split}'")
+            path = Path(row[0].strip())
+            path = path if path.is_absolute() else csv_path.parent / path
+            if not path.is_file():
+                raise DataError(f"{csv_path}:{lineno}: image '{path}' does not exist")
+            rows.append((path, row[1].strip(), split))
+    if not rows:
+        raise DataError(f"csv source '{csv_path}' has no rows")
+    labels = [r[1] for r in rows]
+    if all(lab.isdigit() for lab in labels):
+        classes = [str(i) for i in range(max(int(x) for x in labels) + 1)]
+        to_index = {str(i): i for i in range(len(classes))} | {lab: int(lab) for lab in labels}
+    else:
+        classes = sorted(set(labels))
+        to_index = {c: i for i, c in enumerate(classes)}
+    items = [(p, to_index[lab], s) for p, lab, s in rows]
+    if any(s is not None for _, _, s in items):
+        train = [(p, y) for p, y, s in items if s != "val"]
+        val = [(p, y) for p, y, s in items if s == "val"]
+    else:
+        train, val = _split_items([(p, y) for p, y, _ in items], val_fraction, seed)
+    channels, size, mean, std = _folder_stats(train, stats_samples, seed)
+    root = csv_path.parent
+    splits = {"train": _file_records(train, "train", root), "val": _file_records(val, "val", root)}
+    return write_dataset(out_dir, splits, name=csv_path.stem, classes=classes, channels=channels, image_size=size,
+                         mean=mean, std=std, source=f"csv {csv_path}", **kw)
