@@ -69,8 +69,11 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
 
 
 def write_split(records: Iterable[Record], out_dir: Path, split: str, *, samples_per_shard: int,
-                shard_bytes: int, progress: Callable[[int], None] | None = None) -> dict:
-    """Shards `{split}-000000.tar ...` in out_dir; returns the manifest's split entry."""
+                shard_bytes: int, progress: Callable[[int], None] | None = None,
+                shard_sizes: list[int] | None = None) -> dict:
+    """Shards `{split}-000000.tar ...` in out_dir; returns the manifest's split entry.
+
+    `shard_sizes` (tests, benchmarks) gives each shard's sample count explicitly."""
     from webdataset import ShardWriter
 
     shards: list[dict] = []
@@ -87,6 +90,8 @@ def write_split(records: Iterable[Record], out_dir: Path, split: str, *, samples
                          verbose=0, encoder=False, mtime=FIXED_MTIME)
     try:
         for rec in records:
+            if shard_sizes and len(shards) < len(shard_sizes) and in_shard[0] == shard_sizes[len(shards)]:
+                writer.next_stream()
             meta = json_bytes(rec.meta)
             writer.write({"__key__": rec.key, rec.ext: rec.image, "cls": str(rec.label).encode(), "json": meta})
             in_shard[0] += 1
@@ -127,14 +132,16 @@ def image_stats(arrays: Iterable[np.ndarray], channels: int) -> tuple[list[float
 def write_dataset(out_dir: str | Path, splits: dict[str, list[Record]], *, name: str, classes: list[str],
                   channels: int, image_size: list[int] | None, mean: list[float], std: list[float],
                   samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                  overwrite: bool = False, source: str = "", show_progress: bool = False) -> Path:
+                  overwrite: bool = False, source: str = "", show_progress: bool = False,
+                  shard_sizes: dict[str, list[int]] | None = None) -> Path:
     out = Path(out_dir)
     prepare_output(out, overwrite)
     manifest_splits = {}
     for split, records in splits.items():
         bar = _bar(len(records), f"writing {split}", show_progress)
         manifest_splits[split] = write_split(records, out, split, samples_per_shard=samples_per_shard,
-                                             shard_bytes=shard_bytes, progress=bar.update if bar else None)
+                                             shard_bytes=shard_bytes, progress=bar.update if bar else None,
+                                             shard_sizes=(shard_sizes or {}).get(split))
         if bar:
             bar.close()
     return write_manifest(out, {
