@@ -70,7 +70,8 @@ class PieceReader:
             return False
         self._errors: list[Exception] = []
         samples = shard_samples(self._piece.url, self._errors)
-        self._current = islice(samples, self._piece.skip + self.item_index, self._piece.skip + self._piece.take)
+        stop = None if self._piece.take < 0 else self._piece.skip + self._piece.take  # take < 0: to the end
+        self._current = islice(samples, self._piece.skip + self.item_index, stop)
         return True
 
     def _advance(self) -> None:
@@ -97,6 +98,10 @@ class PieceReader:
             self._current = None  # closes the stream (a failed pipe: reports on close)
             why = _reason(self._errors[0]) if self._errors else "the tar has fewer samples than its count says"
             self._advance()
+            if piece.take < 0:  # whole shard wanted: only a read error is a problem
+                if self._errors:
+                    self.bad.report(piece.url, None, f"tar unreadable after {got} samples ({why})", n=0)
+                continue
             self.bad.report(piece.url, None, f"shard ended after {piece.skip + got} samples, expected "
                             f"{piece.skip + piece.take} (truncated or corrupt tar; {why})", n=piece.take - got)
 
