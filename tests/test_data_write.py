@@ -1,0 +1,208 @@
+"""Writers (digits, imagefolder, csv), foreign shards, the manifest, and `distvit data write|verify`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distvit.data import read_manifest, write_csv, write_digits, write_imagefolder
+from distvit.data.cli import main as data_main
+from distvit.data.config import DataConfig
+from distvit.data.errors import DataError
+from distvit.data.loader import build_train_loader, build_val_loader
+
+
+def identity_cfg(root, in_chans, size, **kw) -> DataConfig:
+    return DataConfig(train=f"{root}/train-*.tar", val=f"{root}/val-*.tar", batch_size=2, num_workers=0,
+                      img_size=size, in_chans=in_chans, mean=[0.0] * in_chans, std=[1.0] * in_chans,
+                      train_crop_scale=[1.0, 1.0], train_crop_ratio=[1.0, 1.0], shuffle=False, **kw)
+
+
+def test_digits_writer_manifest_and_reproducible_bytes(tmp_path):
+    path = write_digits(tmp_path / "a", samples_per_shard=400)
+    m = read_manifest(str(tmp_path / "a" / "train-*.tar"))
+    assert m == json.loads(path.read_text())
+    assert m["samples"] == {"train": 1437, "val": 360} and m["num_classes"] == 10 and m["image_size"] == [8, 8]
+    assert [s["samples"] for s in m["splits"]["train"]["shards"]] == [400, 400, 400, 237]
+    for s in m["splits"]["train"]["shards"] + m["splits"]["val"]["shards"]:
+        data = (tmp_path / "a" / s["name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["bytes"]
+    # The same input gives the same bytes (fixed mtime, sorted members): shards can be checked by hash.
+    write_digits(tmp_path / "b", samples_per_shard=400)
+    assert json.loads((tmp_path / "b" / "dataset.json").read_text())["splits"] == m["splits"]
+    # Statistics are those of the training pixels in [0, 1].
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    tr, _ = train_test_split(np.arange(len(d.images)), test_size=0.2, random_state=0, stratify=d.target)
+    px = np.round(d.images[tr] * 255 / 16) / 255
+    assert m["mean"][0] == pytest.approx(px.mean(), abs=1e-6) and m["std"][0] == pytest.approx(px.std(), abs=1e-6)
+
+
+def test_existing_output_refused_then_overwritten(tmp_path):
+    write_digits(tmp_path, samples_per_shard=1000)
+    with pytest.raises(DataError, match=r"already holds dataset.json, train-000000.tar.*pass --overwrite"):
+        write_digits(tmp_path)
+    write_digits(tmp_path, samples_per_shard=2000, overwrite=True)
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
+
+
+def test_interrupted_write_leaves_no_manifest(tmp_path, monkeypatch):
+    write_digits(tmp_path)
+    from distvit.data import write
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(write, "write_manifest", boom)
+    with pytest.raises(KeyboardInterrupt):
+        write_digits(tmp_path, overwrite=True)
+    assert read_manifest(str(tmp_path)) is None  # the old manifest went first; the new one never came
+
+
+def make_folder(root, rgb=True):
+    """root/<class>/<n>.png|jpg with random pixels; returns {relative path: (pixels, label)}."""
+    rng = np.random.default_rng(0)
+    truth = {}
+    for label, cls in enumerate(["cat", "dog", "eel"]):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            shape = (6, 6, 3) if rgb else (6, 6)
+            arr = rng.integers(0, 256, shape, dtype=np.uint8)
+            ext = "jpg" if i == 3 else "png"
+            path = root / cls / f"img.{i}.{ext}"  # a dot in the stem must not split the webdataset key
+            Image.fromarray(arr).save(path)
+            pixels = np.asarray(Image.open(path).convert("RGB" if rgb else "L"))  # JPEG: the decoded pixels
+            truth[f"{cls}/img.{i}.{ext}"] = (pixels, label)
+    return truth
+
+
+def loaded_pixels(loader, with_valid):
+    out = []
+    for batch in loader:
+        images, labels = batch[0], batch[1]
+        keep = batch[2] if with_valid else torch.ones(len(labels), dtype=torch.bool)
+        for img, y in zip(images[keep], labels[keep]):
+            out.append(((img * 255).round().to(torch.uint8).permute(1, 2, 0).squeeze(-1).numpy(), int(y)))
+    return out
+
+
+def as_multiset(pairs):
+    return sorted((p.tobytes(), y) for p, y in pairs)
+
+
+def test_imagefolder_to_shards_to_loader_same_pixels_and_labels(tmp_path):
+    truth = make_folder(tmp_path / "src")
+    write_imagefolder(tmp_path / "src", tmp_path / "out", val_fraction=0.25, samples_per_shard=5)
+    m = read_manifest(str(tmp_path / "out"))
+    assert m["classes"] == ["cat", "dog", "eel"] and m["samples"] == {"train": 9, "val": 3}
+    assert m["image_size"] == [6, 6] and m["channels"] == 3
+    cfg = identity_cfg(tmp_path / "out", 3, 6, drop_last=False)
+    got = loaded_pixels(build_val_loader(cfg, dp_rank=0, dp_size=1), True)
+    train = build_train_loader(cfg.model_copy(update={"batch_size": 3}), dp_rank=0, dp_size=1, seed=0)
+    got += loaded_pixels(train, False)
+    assert as_multiset(got) == as_multiset(truth.values())
+
+
+def test_imagefolder_with_train_val_folders_and_csv(tmp_path):
+    truth = make_folder(tmp_path / "src" / "train", rgb=False)
+    make_folder(tmp_path / "src" / "val", rgb=False)
+    write_imagefolder(tmp_path / "src", tmp_path / "out", samples_per_shard=100)
+    m = read_manifest(str(tmp_path / "out"))
+    assert m["samples"] == {"train": 12, "val": 12} and m["channels"] == 1
+
+    rows = ["path,label,split"] + [f"src/train/{k},{k.split('/')[0]},{'val' if k.endswith('jpg') else 'train'}" for k in truth]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    write_csv(tmp_path / "list.csv", tmp_path / "csv_out")
+    m = read_manifest(str(tmp_path / "csv_out"))
+    assert m["classes"] == ["cat", "dog", "eel"] and m["samples"] == {"train": 9, "val": 3}
+    got = loaded_pixels(build_val_loader(identity_cfg(tmp_path / "csv_out", 1, 6), dp_rank=0, dp_size=1), True)
+    assert as_multiset(got) == as_multiset(v for k, v in truth.items() if k.endswith("jpg"))
+
+
+def test_csv_errors_name_the_line(tmp_path):
+    (tmp_path / "a.csv").write_text("x.png,1\nmissing.png,2\n")
+    (tmp_path / "x.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"a.csv:2: image '.*missing.png' does not exist"):
+        write_csv(tmp_path / "a.csv", tmp_path / "out")
+
+
+def test_plain_tar_shards_load(tmp_path):
+    """Shards made with `tar` from key.png + key.cls files (no manifest) load, counted from headers."""
+    rng = np.random.default_rng(1)
+    files = tmp_path / "files"
+    files.mkdir()
+    truth = []
+    for i in range(10):
+        arr = rng.integers(0, 256, (5, 5), dtype=np.uint8)
+        Image.fromarray(arr).save(files / f"sample{i:03d}.png")
+        (files / f"sample{i:03d}.cls").write_text(f"{i % 4}\n")
+        truth.append((arr, i % 4))
+    names = sorted(p.name for p in files.iterdir())
+    subprocess.run(["tar", "cf", str(tmp_path / "plain-0.tar"), *names[:10]], cwd=files, check=True)
+    subprocess.run(["tar", "cf", str(tmp_path / "plain-1.tar"), *names[10:]], cwd=files, check=True)
+    cfg = identity_cfg(tmp_path, 1, 5).model_copy(update={"train": f"{tmp_path}/plain-{{0..1}}.tar",
+                                                          "val": f"{tmp_path}/plain-{{0..1}}.tar"})
+    train = build_train_loader(cfg, dp_rank=0, dp_size=1, seed=0)
+    assert train.num_samples == 10 and train.steps_per_epoch == 5
+    assert as_multiset(loaded_pixels(train, False)) == as_multiset(truth)
+    assert as_multiset(loaded_pixels(build_val_loader(cfg, dp_rank=0, dp_size=1), True)) == as_multiset(truth)
+
+
+def test_cli_write_and_verify(tmp_path, capsys):
+    assert data_main(["write", "digits", "--out", str(tmp_path), "--samples-per-shard", "600", "--no-progress"]) == 0
+    assert "train: 1437 samples in 3 shard(s)" in capsys.readouterr().out
+    assert data_main(["write", "digits", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+
+    args = ["verify", f"{tmp_path}/train-*.tar", "--world", "2", "--workers", "2", "--batch-size", "32",
+            "--in-chans", "1", "--no-progress", "--strict", "--json"]
+    assert data_main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples"] == 1437 and report["bad"] == 0 and report["problems"] == []
+    assert sum(report["classes"].values()) == 1437 and len(report["classes"]) == 10
+    assert report["split"]["steps_per_epoch"] == 22 and report["split"]["samples_per_rank_worker"] == [[352, 352]] * 2
+
+    # Corrupt one image in place (same size, so the tar stays readable): the verifier names it.
+    shard = tmp_path / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    at = data.index(b"\x89PNG", 512 * 10)
+    data[at:at + 16] = b"\x00" * 16
+    shard.write_bytes(bytes(data))
+    assert data_main(args) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["bad"] == 1
+    assert any("train-000001.tar key 'train_" in p and "cannot decode .png" in p for p in report["problems"])
+    assert any("train-000001.tar: sha256" in p for p in report["problems"])
+    assert data_main(args[:-2] + ["--json"]) == 0  # without --strict: reported, exit 0
+    capsys.readouterr()
+
+
+def test_verify_writes_a_manifest_for_foreign_shards(tmp_path, capsys):
+    from webdataset import TarWriter
+
+    rng = np.random.default_rng(0)
+    for s in range(2):
+        with TarWriter(str(tmp_path / f"f-{s}.tar"), encoder=False) as w:
+            for i in range(7):
+                buf = __import__("io").BytesIO()
+                Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(buf, format="PNG")
+                w.write({"__key__": f"k{s}{i}", "png": buf.getvalue(), "cls": b"%d" % (i % 3)})
+    assert data_main(["verify", f"{tmp_path}/f-{{0..1}}.tar", "--no-progress", "--write-manifest", str(tmp_path)]) == 0
+    m = read_manifest(str(tmp_path / "f-0.tar"))
+    assert m["samples"] == {"train": 14} and m["num_classes"] == 3 and m["channels"] == 3 and m["image_size"] == [4, 4]
+    assert [s["samples"] for s in m["splits"]["train"]["shards"]] == [7, 7]
+    capsys.readouterr()
+
+
+def test_cli_help_lists_sources(capsys):
+    with pytest.raises(SystemExit):
+        data_main(["write", "--help"])
+    out = capsys.readouterr().out
+    assert "digits" in out and "imagefolder" in out and "csv" in out
