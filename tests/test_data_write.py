@@ -206,3 +206,16 @@ def test_cli_help_lists_sources(capsys):
         data_main(["write", "--help"])
     out = capsys.readouterr().out
     assert "digits" in out and "imagefolder" in out and "csv" in out
+
+
+def test_pipe_urls_with_manifest(tmp_path):
+    write_digits(tmp_path, samples_per_shard=1000)
+    pattern = f"pipe:cat {tmp_path}/train-{{000000..000001}}.tar"
+    cfg = DataConfig(train=pattern, val=f"pipe:cat {tmp_path}/val-000000.tar", manifest=str(tmp_path / "dataset.json"),
+                     num_workers=0, batch_size=100)
+    train = build_train_loader(cfg, dp_rank=1, dp_size=2, seed=0)
+    assert train.num_samples == 1437 and len(list(train)) == train.steps_per_epoch == 7
+    val = build_val_loader(cfg, dp_rank=0, dp_size=1)
+    assert sum(int(v.sum()) for _, _, v in val) == 360
+    with pytest.raises(DataError, match=r"no sample count for shard 'pipe:cat .*train-000000.tar'.*set data.manifest"):
+        build_train_loader(cfg.model_copy(update={"manifest": None}), dp_rank=0, dp_size=1, seed=0)
