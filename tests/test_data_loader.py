@@ -131,17 +131,33 @@ def test_mid_epoch_resume_is_bitwise(uneven, workers, stop_at):
         assert torch.equal(x, rx) and torch.equal(y, ry)
 
 
-def test_resume_at_epoch_end_continues_with_next_epoch(uneven):
+def trainer_loop(loader, epoch, batches):
+    """The trainer's pattern: set_epoch, iterate, next epoch; state_dict() right after each batch."""
+    out = []
+    while len(out) < batches:
+        loader.set_epoch(epoch)
+        for images, _ in loader:
+            out.append((epoch, decode_index(images), json.loads(json.dumps(loader.state_dict()))))
+            if len(out) == batches:
+                return out
+        epoch += 1
+    return out
+
+
+@pytest.mark.parametrize("stop_at", [12, 13])  # exactly at the end of epoch 0 (12 steps), one batch into epoch 1
+def test_resume_around_the_epoch_end_in_the_trainer_loop(uneven, stop_at):
     cfg = ident_cfg(uneven)
-    a = build_train_loader(cfg, dp_rank=0, dp_size=2, seed=2)
-    list(a)
-    state = a.state_dict()
-    a.set_epoch(1)
-    expected = epoch_indices(a)
-    b = build_train_loader(cfg, dp_rank=0, dp_size=2, seed=2)
-    b.load_state_dict(state)
-    b.set_epoch(1)
-    assert epoch_indices(b) == expected
+    reference = trainer_loop(build_train_loader(cfg, dp_rank=0, dp_size=2, seed=2), 0, 30)
+    epoch, _, state = reference[stop_at - 1]
+    resumed = build_train_loader(cfg, dp_rank=0, dp_size=2, seed=2)
+    resumed.load_state_dict(state)
+    rest = trainer_loop(resumed, epoch, 30 - stop_at)
+    assert [(e, idx) for e, idx, _ in rest] == [(e, idx) for e, idx, _ in reference[stop_at:]]
+
+
+def test_iterating_again_without_set_epoch_repeats_the_epoch(uneven):
+    loader = build_train_loader(ident_cfg(uneven), dp_rank=0, dp_size=2, seed=2)
+    assert epoch_indices(loader) == epoch_indices(loader)
 
 
 def test_resume_with_other_settings_is_refused(uneven):

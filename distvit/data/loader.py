@@ -87,6 +87,7 @@ class TrainLoader:
         self._step = 0  # batches of self.epoch consumed
         self._cursors: list[dict | None] = [None] * self.num_workers
         self._bad_before_epoch = 0
+        self._loaded_at_epoch_end = False
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -96,6 +97,7 @@ class TrainLoader:
         if epoch != self.epoch:
             self._finish_epoch()
             self.epoch = epoch
+            self._loaded_at_epoch_end = False
 
     def _finish_epoch(self) -> None:
         self._bad_before_epoch += self._bad_this_epoch()
@@ -106,6 +108,11 @@ class TrainLoader:
         return sum(c["bad"] for c in self._cursors if c)
 
     def __iter__(self):
+        if self._loaded_at_epoch_end:
+            # The checkpoint was taken after the epoch's last batch: this epoch has nothing left
+            # (the trainer's loop then moves on with set_epoch(epoch + 1)).
+            self._loaded_at_epoch_end = False
+            return
         if self._step >= self.steps_per_epoch:  # iterating a finished epoch again: same order, from the start
             self._finish_epoch()
         spec = _spec(self.cfg, self.shards, self.manifest, seed=self.seed, epoch=self.epoch,
@@ -161,6 +168,7 @@ class TrainLoader:
         self.epoch, self._step = int(state["epoch"]), int(state["step"])
         self._bad_before_epoch = int(state["bad_before_epoch"])
         self._cursors = [dict(c) if c else None for c in state["workers"]]
+        self._loaded_at_epoch_end = self._step >= self.steps_per_epoch
 
     def stats(self) -> dict:
         return {"bad_samples": self._bad_before_epoch + self._bad_this_epoch(), "epoch": self.epoch,
