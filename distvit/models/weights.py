@@ -1,0 +1,175 @@
+"""Loading weights into a model: files, foreign layouts, and a clear report of what did not fit.
+
+    report = load_checkpoint(model, "vit_base.safetensors")            # strict: raises on any mismatch
+    report = load_checkpoint(model, "timm_vit.pth", strict=False)      # loads what fits, returns the rest
+
+.pt/.pth/.bin files are read with torch.load(weights_only=True): tensors and plain containers
+only, never arbitrary pickled objects. Containers from common trainers ({"state_dict": ...},
+{"model": ...}, DeepSpeed's {"module": ...}) are unwrapped and the prefixes DDP ("module.")
+and torch.compile ("_orig_mod.") add are stripped. A model class may define
+`checkpoint_filter_fn(state_dict, model)` to adapt foreign layouts (ViT resizes the position
+embedding there).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+SUFFIXES = (".safetensors",) + TORCH_SUFFIXES
+CONTAINER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+REPORT_MAX_KEYS = 12  # keys listed per kind in an error; the count is always exact
+
+
+class WeightsMismatchError(RuntimeError):
+    """A strict load found missing, unexpected or mis-shaped keys; .report holds them all."""
+
+    def __init__(self, message: str, report: "LoadReport"):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class LoadReport:
+    missing: list[str] = field(default_factory=list)  # in the model, not in the file
+    unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, file shape, model shape)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self) -> str:
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing (in the model, not in the file): {_some(self.missing)}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected (in the file, not in the model): {_some(self.unexpected)}")
+        if self.mismatched:
+            shapes = [f"{k} file {tuple(a)} vs model {tuple(b)}" for k, a, b in self.mismatched]
+            parts.append(f"{len(self.mismatched)} with another shape: {_some(shapes)}")
+        return "; ".join(parts) if parts else "all keys match"
+
+
+def _some(items: list[str]) -> str:
+    head = ", ".join(items[:REPORT_MAX_KEYS])
+    return head + (f", ... ({len(items) - REPORT_MAX_KEYS} more)" if len(items) > REPORT_MAX_KEYS else "")
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a weights file onto the CPU and return a flat {name: tensor} dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path), device="cpu")
+    elif suffix in TORCH_SUFFIXES:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"weights file {str(path)!r} holds Python objects besides tensors, which "
+                             f"torch.load(weights_only=True) refuses for safety ({first}); re-save only the "
+                             "weights, e.g. torch.save(model.state_dict(), path), or as .safetensors") from e
+    else:
+        raise ValueError(f"weights file {str(path)!r} has suffix {suffix or '(none)'!r}; "
+                         f"supported: {', '.join(SUFFIXES)}")
+    return clean_state_dict(sd, source=str(path))
+
+
+def clean_state_dict(sd, source: str = "state dict") -> dict[str, torch.Tensor]:
+    """Unwrap trainer containers, drop non-tensor entries, strip DDP / compile prefixes."""
+    while isinstance(sd, dict):
+        inner = next((sd[k] for k in CONTAINER_KEYS if isinstance(sd.get(k), dict)), None)
+        if inner is None:
+            break
+        sd = inner
+    if not isinstance(sd, dict):
+        raise ValueError(f"{source}: expected a dict of tensors, found {type(sd).__name__}")
+    sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+    if not sd:
+        raise ValueError(f"{source}: holds no tensors; is it a weights file?")
+    for prefix in STRIPPED_PREFIXES:
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def compare_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> LoadReport:
+    own = model.state_dict()
+    report = LoadReport(
+        missing=[k for k in own if k not in sd],
+        unexpected=[k for k in sd if k not in own],
+    )
+    report.mismatched = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items()  # in the model's order
+                         if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    return report
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True, filter_fn=None) -> LoadReport:
+    """Load a weights file into model (in place) and return what did not fit.
+
+    filter_fn(state_dict, model) -> state_dict adapts foreign layouts; by default the model
+    class's `checkpoint_filter_fn` when it has one.
+    strict: raise WeightsMismatchError unless every key matches in name and shape; with
+    strict=False the matching keys load, the others keep their values and are logged.
+    """
+    sd = load_state_dict(path)
+    filter_fn = filter_fn or getattr(type(model), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        sd = filter_fn(sd, model)
+    report = compare_state_dict(model, sd)
+    name = type(model).__name__
+    if not report.ok:
+        if strict:
+            raise WeightsMismatchError(
+                f"weights file {str(path)!r} does not fit {name}: {report.describe()}. Check the model name and its "
+                "overrides (num_classes, img_size, in_chans, class_token, global_pool), or load with "
+                "strict=False to keep the non-matching parameters as initialised", report)
+        log.warning("loading %s into %s with strict=False: %s", path, name, report.describe())
+    bad = {k for k, _, _ in report.mismatched}
+    model.load_state_dict({k: v for k, v in sd.items() if k not in bad and k not in report.unexpected}, strict=False)
+    return report
+
+
+def resample_abs_pos_embed(posemb: torch.Tensor, new_grid, old_grid=None, num_prefix_tokens: int = 1,
+                           interpolation: str = "bicubic", antialias: bool = True) -> torch.Tensor:
+    """Resize a learned position embedding (1, prefix + H*W, D) to another patch grid.
+
+    The prefix tokens (class token) keep their embeddings; the H x W grid is interpolated in
+    float32 (bicubic with antialiasing by default, as timm does, so the numbers match timm's).
+    old_grid defaults to a square grid.
+    """
+    new_grid = (int(new_grid[0]), int(new_grid[1]))
+    n_grid = posemb.shape[1] - num_prefix_tokens
+    if old_grid is None:
+        side = math.isqrt(n_grid)
+        if side * side != n_grid:
+            raise ValueError(f"resample_abs_pos_embed: {posemb.shape[1]} position tokens minus {num_prefix_tokens} "
+                             f"prefix token(s) = {n_grid} is not a square grid; pass old_grid=(h, w)")
+        old_grid = (side, side)
+    old_grid = (int(old_grid[0]), int(old_grid[1]))
+    if old_grid[0] * old_grid[1] != n_grid:
+        raise ValueError(f"resample_abs_pos_embed: old_grid {old_grid} has {old_grid[0] * old_grid[1]} cells but the "
+                         f"embedding holds {n_grid} grid tokens")
+    if old_grid == new_grid:
+        return posemb
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    dim = posemb.shape[-1]
+    grid = grid.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=new_grid, mode=interpolation, antialias=antialias)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(posemb.dtype)
+    return torch.cat([prefix, grid], dim=1)
