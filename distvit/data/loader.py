@@ -3,6 +3,7 @@
     loader = build_train_loader(cfg.data, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, seed=cfg.run.seed)
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)            # keeps the position when `epoch` is the loaded state's epoch
+                                           # (a state taken after an epoch's last batch then yields nothing)
         for images, labels in loader:      # exactly loader.steps_per_epoch batches on every rank
             ...
             state = loader.state_dict()    # small JSON-able dict; load_state_dict(state) resumes bitwise
