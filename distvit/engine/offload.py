@@ -1,0 +1,300 @@
+"""Optimizer-state offload for ZeRO-3: DeepSpeed config pieces and interleaved offload.
+
+Modes (design note: docs/offload.md):
+  none        optimizer state on the device
+  cpu         DeepSpeed's ZeRO-Offload: fp32 master weights and Adam moments on the host,
+              DeepSpeedCPUAdam updates every sub-group
+  partial     DeepSpeed's `offload_optimizer.ratio`: a fixed share of sub-groups keeps its state
+              on the device for the whole run
+  interleaved state on the host as in `cpu`; each step a performance model picks sub-groups
+              whose state is copied to the device, updated there and copied back, overlapped
+              with CPU Adam on the rest ("Deep Optimizer States")
+
+Use:
+    ds = {..., "zero_optimization": {"stage": 3, **offload_ds_config("interleaved", "auto", 50_000_000)}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=DeepSpeedCPUAdam(...), config=ds)
+    offload = enable_interleaved_offload(engine, "auto", log_every=50)
+    ...
+    offload.stats()   # predicted vs measured update time, transfer times
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Literal
+
+import torch
+
+from distvit.engine.offload_backend import backend_for
+from distvit.engine.offload_calibrate import calibrate
+from distvit.engine.offload_kernels import CpuAdamStandIn, TorchAdam
+from distvit.engine.offload_model import Fraction, Plan, Rates, make_plan, refit
+from distvit.engine.offload_schedule import InterleavedZero3Hooks, StepRecord, SubGroupPipeline, measured_rates
+
+OffloadMode = Literal["none", "cpu", "partial", "interleaved"]
+MEMORY_HEADROOM = 0.9  # share of the free device memory the slots may take
+
+
+def _check_fraction(gpu_fraction: Any, where: str) -> None:
+    if gpu_fraction == "auto":
+        return
+    if isinstance(gpu_fraction, bool) or not isinstance(gpu_fraction, (int, float)) or not 0.0 <= gpu_fraction <= 1.0:
+        raise ValueError(f"{where} must be 'auto' or a number in [0, 1], got {gpu_fraction!r}")
+
+
+def offload_ds_config(mode: OffloadMode, gpu_fraction: Fraction = "auto", sub_group_size: int = 1_000_000_000) -> dict:
+    """The `zero_optimization` fragment for an offload mode (merge it into the ZeRO section).
+
+    `gpu_fraction` is the share of the optimizer state updated on the device: for `interleaved`
+    it is handed to `enable_interleaved_offload` (this fragment is the same for every fraction);
+    for `partial` it becomes DeepSpeed's `ratio` (= 1 - gpu_fraction, the CPU share).
+    """
+    if mode not in ("none", "cpu", "partial", "interleaved"):
+        raise ValueError(f"offload mode must be one of none, cpu, partial, interleaved (parallel.offload), got {mode!r}")
+    _check_fraction(gpu_fraction, "parallel.offload_gpu_fraction")
+    if isinstance(sub_group_size, bool) or not isinstance(sub_group_size, int) or sub_group_size < 1:
+        raise ValueError(f"parallel.sub_group_size must be a positive integer (elements), got {sub_group_size!r}")
+    if mode in ("none", "cpu") and gpu_fraction != "auto":
+        raise ValueError(
+            f"parallel.offload_gpu_fraction={gpu_fraction} has no effect with parallel.offload={mode}; "
+            "use parallel.offload=interleaved (or partial), or leave the fraction at 'auto'"
+        )
+    if mode == "partial" and gpu_fraction == "auto":
+        raise ValueError(
+            "parallel.offload=partial keeps a fixed share of the state on the device and cannot choose it; "
+            "set parallel.offload_gpu_fraction to a number in [0, 1] or use parallel.offload=interleaved"
+        )
+    fragment: dict[str, Any] = {"sub_group_size": sub_group_size}
+    if mode == "none":
+        fragment["offload_optimizer"] = {"device": "none"}
+        return fragment
+    ratio = 1.0 - float(gpu_fraction) if mode == "partial" else 1.0
+    fragment["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available(), "ratio": ratio}
+    return fragment
+
+
+def _say_with(logger) -> Callable[[str], None]:
+    if logger is None:
+        return lambda msg: print(msg, flush=True)
+    if hasattr(logger, "info"):
+        return logger.info
+    return logger
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+class InterleavedOffload:
+    """Handle returned by `enable_interleaved_offload`: the plan, measurements and re-planning."""
+
+    def __init__(self, zero_opt, backend, kernel, rates: Rates, fraction: Fraction, *, max_resident: int,
+                 log_every: int, say: Callable[[str], None], drift_tolerance: float, patience: int):
+        self.zero_opt = zero_opt
+        self.backend = backend
+        self.kernel = kernel
+        self.rates = rates
+        self.fraction = fraction
+        self.max_resident = max_resident
+        self.log_every = log_every
+        self.drift_tolerance = drift_tolerance
+        self.patience = patience
+        self._say = say
+        self.pipeline = SubGroupPipeline(zero_opt, backend, kernel)
+        self.sizes = tuple(t.numel() for t in zero_opt.fp32_partitioned_groups_flat)
+        self.param_bytes = zero_opt.fp16_partitioned_groups_flat[0].element_size()
+        self.steps = 0
+        self.replans = 0
+        self._drifting = 0
+        self._last: StepRecord | None = None
+        self._recent: deque[StepRecord] = deque(maxlen=max(patience, 1))  # what a re-plan refits to
+        self._measured_sum = 0.0
+        self._original_class = None
+        self.plan = self._make_plan(backend.memory_budget() * MEMORY_HEADROOM)
+
+    # -- planning ---------------------------------------------------------------------------
+    def _make_plan(self, memory_budget: float) -> Plan:
+        self._memory_budget = memory_budget
+        return make_plan(self.sizes, self.fraction, self.rates, param_bytes=self.param_bytes,
+                         max_resident=self.max_resident, memory_budget=memory_budget)
+
+    def replan(self, reason: str) -> Plan:
+        """Refit the model to the last step's measurements and choose the placement again."""
+        if self._recent:
+            # the window already averages `patience` steps: take it as is
+            self.rates = refit(self.rates, measured_rates(self._recent), weight=1.0)
+        old = self.plan
+        self.plan = self._make_plan(self._memory_budget)
+        self.replans += 1
+        self._drifting = 0
+        if _rank() == 0:
+            self._say(f"re-planned ({reason}): {old.device_fraction:.0%} -> {self.plan.describe()}")
+        return self.plan
+
+    # -- called by the hooks ----------------------------------------------------------------
+    def _loop_started(self) -> None:
+        if self.pipeline.active:
+            return
+        if self.backend.concurrent:  # activations are freed now: this is the memory the slots can have
+            budget = self.backend.memory_budget() * MEMORY_HEADROOM
+            if self.plan.slot_bytes > budget:
+                self._memory_budget = budget
+                self.replan(f"only {budget / 2**20:.0f} MiB free for slots")
+        self.pipeline.begin(self.plan.on_device, self.plan.resident)
+
+    def _loop_finished(self) -> None:
+        if not self.pipeline.active:
+            return
+        rec = self.pipeline.finish()
+        self._last = rec
+        self._recent.append(rec)
+        self.steps += 1
+        self._measured_sum += rec.wall_s
+        predicted = self.plan.predicted_s
+        drift = abs(rec.wall_s - predicted) / predicted if predicted > 0 else 0.0
+        self._drifting = self._drifting + 1 if drift > self.drift_tolerance else 0
+        if self.log_every and self.steps % self.log_every == 0 and _rank() == 0:
+            self._say(
+                f"offload step {self.steps}: update {rec.wall_s * 1e3:.2f} ms measured vs "
+                f"{predicted * 1e3:.2f} ms predicted; H2D {rec.h2d_s * 1e3:.2f} ms, device Adam "
+                f"{rec.device_adam_s * 1e3:.2f} ms, D2H {rec.d2h_s * 1e3:.2f} ms, CPU Adam {rec.cpu_adam_s * 1e3:.2f} ms"
+            )
+        if self._drifting >= self.patience:
+            self.replan(f"measured {rec.wall_s * 1e3:.2f} ms vs predicted {predicted * 1e3:.2f} ms "
+                        f"for {self.patience} steps")
+
+    # -- reporting --------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Predicted vs measured update time and the last step's breakdown, in seconds."""
+        last = self._last or StepRecord()
+        return {
+            "steps": self.steps,
+            "replans": self.replans,
+            "device_subgroups": len(self.plan.on_device),
+            "subgroups": len(self.sizes),
+            "device_fraction": self.plan.device_fraction,
+            "resident": self.plan.resident,
+            "slot_bytes": self.plan.slot_bytes,
+            "predicted_update_s": self.plan.predicted_s,
+            "predicted_cpu_only_s": self.plan.predicted_cpu_only_s,
+            "measured_update_s": last.wall_s,
+            "measured_update_mean_s": self._measured_sum / self.steps if self.steps else 0.0,
+            "h2d_s": last.h2d_s,
+            "device_adam_s": last.device_adam_s,
+            "d2h_s": last.d2h_s,
+            "cpu_adam_s": last.cpu_adam_s,
+            "param_write_s": last.param_write_s,
+            "h2d_bytes": last.h2d_bytes,
+            "d2h_bytes": last.d2h_bytes,
+            "kernel": self.kernel.name,
+            "backend": self.backend.name,
+        }
+
+    def disable(self) -> None:
+        """Give the optimizer its DeepSpeed class back (between steps); the state stays where it is."""
+        if self.pipeline.active:
+            raise RuntimeError("interleaved offload cannot be disabled in the middle of an optimizer step")
+        if self._original_class is not None:
+            self.zero_opt.__class__ = self._original_class
+            del self.zero_opt._interleaved
+            self._original_class = None
+
+
+def _validate(engine) -> Any:
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    stage = engine.zero_optimization_stage()
+    if stage != 3:
+        raise ValueError(
+            f"interleaved offload extends ZeRO-3's per-sub-group step, but zero_optimization.stage is {stage} "
+            "in the DeepSpeed config; set parallel.zero_stage=3"
+        )
+    opt = engine.optimizer
+    if isinstance(opt, InterleavedZero3Hooks):
+        raise ValueError("interleaved offload is already enabled on this engine (enable_interleaved_offload was called twice)")
+    if not isinstance(opt, DeepSpeedZeroOptimizer_Stage3) or getattr(engine, "super_offload", lambda: False)():
+        raise ValueError(
+            f"interleaved offload hooks DeepSpeedZeroOptimizer_Stage3's step loop, but the engine's optimizer is "
+            f"{type(opt).__name__}; turn off offload_optimizer.super_offload / ZenFlow in the DeepSpeed config"
+        )
+    if not opt.offload_optimizer or opt.swap_optimizer:
+        device = engine.zero_offload_optimizer().device if engine.zero_offload_optimizer() else "none"
+        raise ValueError(
+            f"interleaved offload keeps the optimizer state in host memory: zero_optimization.offload_optimizer.device "
+            f"must be 'cpu', got {device!r}; build the fragment with offload_ds_config('interleaved', ...)"
+        )
+    if opt.partial_offload != 1.0:
+        raise ValueError(
+            f"zero_optimization.offload_optimizer.ratio={opt.partial_offload} keeps sub-groups on the device for the "
+            "whole run (partial offload); interleaved offload needs ratio 1.0: use offload_ds_config('interleaved', ...)"
+        )
+    if type(opt.optimizer) is not DeepSpeedCPUAdam:
+        raise ValueError(
+            f"interleaved offload shares DeepSpeedCPUAdam's state and hyper-parameters, but the optimizer is "
+            f"{type(opt.optimizer).__name__}; pass deepspeed.ops.adam.DeepSpeedCPUAdam (or config optimizer type Adam/AdamW)"
+        )
+    if not opt.optimizer.fp32_optimizer_states or opt.master_weights_and_grads_dtype != torch.float32:
+        raise ValueError("interleaved offload moves fp32 master weights and fp32 Adam moments; "
+                         "turn off bf16/fp16 master weights and optimizer states in the DeepSpeed config")
+    if opt.zenflow or opt.use_muon or opt.torch_autocast_gradscaler is not None:
+        raise ValueError("interleaved offload does not combine with ZenFlow, Muon or torch-autocast fp16 in DeepSpeed; "
+                         "turn those off or use parallel.offload=cpu")
+    if any(t is None for t in opt.fp16_partitioned_groups_flat):
+        raise ValueError("interleaved offload needs the parameter partitions in memory; "
+                         "zero_optimization.offload_param.device=nvme is not supported, use 'cpu' or 'none'")
+    return opt
+
+
+def enable_interleaved_offload(
+    engine,
+    gpu_fraction: Fraction = "auto",
+    *,
+    log_every: int = 50,
+    logger: Any = None,
+    max_resident: int = 2,
+    drift_tolerance: float = 0.25,
+    patience: int = 3,
+    kernel: Literal["auto", "torch", "cpu_adam"] = "auto",
+    rates: Rates | None = None,
+) -> InterleavedOffload:
+    """Install the interleaved schedule into a ZeRO-3 + CPU-offload engine; call right after deepspeed.initialize.
+
+    gpu_fraction: share of the optimizer state (by elements) updated on the device each step, or
+        "auto" to let the performance model choose (and re-choose when measurements drift).
+    log_every: log predicted vs measured update time every N optimizer steps (0: never).
+    logger: a callable taking a string, an object with `.info`, or None for print (rank 0 only).
+    max_resident: sub-groups whose buffers may sit on the device at once (2 = double buffering).
+    kernel: device Adam; "auto" is "torch" on CUDA and "cpu_adam" (bitwise stock) on the CPU stand-in.
+    rates: skip the start-up calibration and plan with these speeds.
+    """
+    _check_fraction(gpu_fraction, "gpu_fraction (parallel.offload_gpu_fraction)")
+    opt = _validate(engine)
+    lp = opt.fp16_partitioned_groups_flat[0]
+    backend = backend_for(lp.device)
+    if kernel == "auto":
+        kernel = "torch" if backend.concurrent else "cpu_adam"
+    if kernel == "cpu_adam" and backend.concurrent:
+        raise ValueError("kernel='cpu_adam' runs on host tensors only (the CPU stand-in); use kernel='torch' on CUDA")
+    if kernel not in ("torch", "cpu_adam"):
+        raise ValueError(f"kernel must be 'auto', 'torch' or 'cpu_adam', got {kernel!r}")
+
+    def make_kernel(cpu_adam):
+        return TorchAdam(opt.optimizer.adam_w_mode) if kernel == "torch" else CpuAdamStandIn(cpu_adam)
+
+    if rates is None:
+        rates = calibrate(opt, backend, make_kernel, lp.dtype)
+    handle = InterleavedOffload(
+        opt, backend, make_kernel(opt.optimizer), rates, gpu_fraction, max_resident=max_resident,
+        log_every=log_every, say=_say_with(logger), drift_tolerance=drift_tolerance, patience=patience,
+    )
+    handle._original_class = type(opt)
+    opt.__class__ = type(f"Interleaved{type(opt).__name__}", (InterleavedZero3Hooks, type(opt)), {})
+    opt._interleaved = handle
+    if _rank() == 0:
+        handle._say(handle.plan.describe())
+        if len(handle.sizes) == 1:
+            handle._say(
+                f"interleaved offload: this rank has a single sub-group of {handle.sizes[0]:,} elements, so the "
+                "update cannot be split; lower parallel.sub_group_size (e.g. to a tenth of it) to interleave"
+            )
+    return handle
