@@ -251,9 +251,11 @@ def _check_unknown(tree: dict, model: type[BaseModel], origins: dict[str, str], 
         field = model.model_fields.get(key)
         if field is None:
             valid = list(model.model_fields)
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            if not close:  # a key in the wrong section: search the whole tree
-                close = difflib.get_close_matches(dotted, _all_keys(Config), n=1, cutoff=0.6)
+            # The same name in another section first (a key in the wrong section), then a typo here,
+            # then a typo anywhere in the tree.
+            close = [k for k in _all_keys(Config) if k.rsplit(".", 1)[-1] == key][:1]
+            close = close or difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            close = close or difflib.get_close_matches(dotted, _all_keys(Config), n=1, cutoff=0.6)
             hint = f"did you mean '{close[0] if '.' in close[0] else prefix + close[0]}'?" if close else (
                 f"valid keys here: {', '.join(prefix + v for v in valid)}"
             )
