@@ -88,8 +88,10 @@ class InterleavedOffload:
     """Handle returned by `enable_interleaved_offload`: the plan, measurements and re-planning."""
 
     def __init__(self, zero_opt, backend, kernel, rates: Rates, fraction: Fraction, *, max_resident: int,
-                 log_every: int, say: Callable[[str], None], drift_tolerance: float, patience: int):
+                 log_every: int, say: Callable[[str], None], drift_tolerance: float, patience: int,
+                 recalibrate: Callable[[], Rates] | None = None):
         self.zero_opt = zero_opt
+        self.recalibrate = recalibrate
         self.backend = backend
         self.kernel = kernel
         self.rates = rates
@@ -119,9 +121,13 @@ class InterleavedOffload:
 
     def replan(self, reason: str) -> Plan:
         """Refit the model to the last step's measurements and choose the placement again."""
+        # A side that did no work lately (all sub-groups on one side) has no measurement: time it
+        # again on scratch tensors rather than trust a start-up number that may have been wrong.
+        base = self.recalibrate() if self.recalibrate is not None else self.rates
         if self._recent:
             # the window already averages `patience` steps: take it as is
-            self.rates = refit(self.rates, measured_rates(self._recent), weight=1.0)
+            base = refit(base, measured_rates(self._recent), weight=1.0)
+        self.rates = base
         old = self.plan
         self.plan = self._make_plan(self._memory_budget)
         self.replans += 1
@@ -265,7 +271,7 @@ def enable_interleaved_offload(
     logger: a callable taking a string, an object with `.info`, or None for print (rank 0 only).
     max_resident: sub-groups whose buffers may sit on the device at once (2 = double buffering).
     kernel: device Adam; "auto" is "torch" on CUDA and "cpu_adam" (bitwise stock) on the CPU stand-in.
-    rates: skip the start-up calibration and plan with these speeds.
+    rates: skip the start-up calibration and plan with these speeds (re-plans still measure).
     """
     _check_fraction(gpu_fraction, "gpu_fraction (parallel.offload_gpu_fraction)")
     opt = _validate(engine)
@@ -281,11 +287,13 @@ def enable_interleaved_offload(
     def make_kernel(cpu_adam):
         return TorchAdam(opt.optimizer.adam_w_mode) if kernel == "torch" else CpuAdamStandIn(cpu_adam)
 
-    if rates is None:
-        rates = calibrate(opt, backend, make_kernel, lp.dtype)
+    def recalibrate() -> Rates:
+        return calibrate(opt, backend, make_kernel, lp.dtype)
+
     handle = InterleavedOffload(
-        opt, backend, make_kernel(opt.optimizer), rates, gpu_fraction, max_resident=max_resident,
+        opt, backend, make_kernel(opt.optimizer), rates or recalibrate(), gpu_fraction, max_resident=max_resident,
         log_every=log_every, say=_say_with(logger), drift_tolerance=drift_tolerance, patience=patience,
+        recalibrate=recalibrate,
     )
     handle._original_class = type(opt)
     opt.__class__ = type(f"Interleaved{type(opt).__name__}", (InterleavedZero3Hooks, type(opt)), {})
