@@ -5,6 +5,8 @@
 """
 from distvit.models import vit  # noqa: F401  (registers the ViT family)
 from distvit.models import causal_vit  # noqa: F401  (registers the causal ViT: vit_causal_*)
+from distvit.models import swin  # noqa: F401  (registers the Swin family: swin_*)
+from distvit.models import deit  # noqa: F401  (registers DeiT, distilled DeiT and DeiT III: deit_*, deit3_*)
 from distvit.models.registry import create, is_model, list_models, model_entrypoint, register_model
 from distvit.models.vit import VisionTransformer, checkpoint_filter_fn
 from distvit.models.weights import LoadReport, WeightsMismatchError, load_checkpoint, load_state_dict, resample_abs_pos_embed
