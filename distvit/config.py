@@ -111,6 +111,30 @@ class ParallelConfig(Section):
         return self
 
 
+class DistillConfig(Section):
+    """Knowledge distillation from a frozen teacher (DeiT); distvit/engine/distill.py implements it."""
+
+    kind: Literal["none", "hard", "soft"] = "none"
+    teacher: str | None = None  # a registered model name, e.g. regnety_160 or vit_digits
+    teacher_checkpoint: str | None = None  # the teacher's weights (.safetensors / .pt), loaded strict
+    alpha: float = 0.5  # weight of the distillation term; the label term gets 1 - alpha
+    tau: float = 1.0  # soft distillation temperature
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.kind != "none" and (not self.teacher or not self.teacher_checkpoint):
+            missing = "distill.teacher" if not self.teacher else "distill.teacher_checkpoint"
+            raise ValueError(
+                f"distill.kind={self.kind} needs a teacher model and its weights, but {missing} is not set; "
+                "set distill.teacher=<model name> and distill.teacher_checkpoint=<weights file>, or distill.kind=none"
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+        if self.tau <= 0.0:
+            raise ValueError(f"distill.tau must be > 0, got {self.tau}")
+        return self
+
+
 class CheckpointConfig(Section):
     every_steps: int = 0  # 0: only at the end
     keep: int = 3  # complete checkpoints kept in the run folder (older ones are deleted)
@@ -132,6 +156,7 @@ class Config(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     parallel: ParallelConfig = ParallelConfig()
+    distill: DistillConfig = DistillConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
 

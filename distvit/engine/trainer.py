@@ -29,6 +29,7 @@ from distvit import models
 from distvit.checkpoint import io as ckio
 from distvit.config import Config, ConfigError, save_config
 from distvit.data import build_train_loader, build_val_loader, read_manifest
+from distvit.engine import distill
 from distvit.engine.deepspeed_config import build_ds_config, resolve_precision
 from distvit.engine.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
 from distvit.engine.optim import build_optimizer
@@ -144,6 +145,8 @@ class Trainer:
             self.offload = enable_interleaved_offload(self.engine, cfg.parallel.offload_gpu_fraction, logger=log0)
         self.ema = self._build_ema(model)
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        # A frozen teacher beside the engine (never wrapped by DeepSpeed), in the student's precision.
+        self.distiller = distill.build_distiller(cfg, self.engine.module, self.device, self.input_dtype)
 
         self.step = 0
         self.epoch = 0
@@ -205,6 +208,8 @@ class Trainer:
         ]
         if self.flops_per_image:
             lines.append(f"  {3 * self.flops_per_image * global_batch / 1e12:.4f} TFLOPs/step (fwd+bwd)")
+        if self.distiller is not None:
+            lines.append(f"  {self.distiller.describe()}")
         if self.resume_from is not None:
             lines.append(f"  resumed from {self.resume_from} at step {self.step}, epoch {self.epoch}")
         lines.append(f"  run folder: {self.run_dir}")
@@ -294,7 +299,10 @@ class Trainer:
             images = images.to(self.device, dtype=self.input_dtype, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             logits = engine(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
+            if self.distiller is not None:
+                loss = self.distiller.loss(images, logits, labels)
+            else:
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
             if _fault_armed("nan_loss", self.step + 1):
                 loss = loss * float("nan")
             engine.backward(loss)
@@ -336,24 +344,34 @@ class Trainer:
             return {}
         model = self.engine if module is None else module
         model.eval()
-        totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top1, top5, count
+        # One row per head: a distilled student's averaged, class-token and distillation-token heads ("", _cls, _dist).
+        net = self.engine.module if module is None else module
+        heads = distill.head_names(net)
+        totals = torch.zeros(len(heads), 4, dtype=torch.float64)  # loss sum, top1, top5, count
         dtype = self.input_dtype if module is None else torch.float32
-        for images, labels, valid in self.val_loader:
-            images = images.to(self.device, dtype=dtype)
-            labels, valid = labels.to(self.device), valid.to(self.device)
-            logits = model(images).float()
-            loss = F.cross_entropy(logits, labels, reduction="none")
-            top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            hit = top5 == labels[:, None]
-            totals += torch.stack([
-                (loss * valid).sum(), (hit[:, 0] & valid).sum(), (hit.any(-1) & valid).sum(), valid.sum(),
-            ]).double().cpu()
+        with distill.separate_heads(net):
+            for images, labels, valid in self.val_loader:
+                images = images.to(self.device, dtype=dtype)
+                labels, valid = labels.to(self.device), valid.to(self.device)
+                outputs = distill.named_logits(model(images))
+                for i, head in enumerate(heads):
+                    logits = outputs[head]
+                    loss = F.cross_entropy(logits, labels, reduction="none")
+                    top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+                    hit = top5 == labels[:, None]
+                    totals[i] += torch.stack([
+                        (loss * valid).sum(), (hit[:, 0] & valid).sum(), (hit.any(-1) & valid).sum(), valid.sum(),
+                    ]).double().cpu()
         if dist.get_world_size() > 1:
             dist.all_reduce(totals, group=self.mesh.dp_group)
         model.train()
-        count = max(totals[3].item(), 1.0)
-        return {"val_loss": totals[0].item() / count, "val_top1": 100 * totals[1].item() / count,
-                "val_top5": 100 * totals[2].item() / count, "val_count": int(totals[3].item())}
+        count = max(totals[0, 3].item(), 1.0)
+        result = {}
+        for i, head in enumerate(heads):
+            result[f"val_loss{head}"] = totals[i, 0].item() / count
+            result[f"val_top1{head}"] = 100 * totals[i, 1].item() / count
+            result[f"val_top5{head}"] = 100 * totals[i, 2].item() / count
+        return {**result, "val_count": int(totals[0, 3].item())}
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -453,6 +471,7 @@ class Trainer:
             "img_per_s": self._throughput(global_batch, wall_s),
             "final_top1": last_eval.get("val_top1"), "final_top5": last_eval.get("val_top5"),
             "best_top1": self.best["val_top1"], "best_top5": self.best["val_top5"],
+            **{f"final_{k[len('val_'):]}": v for k, v in last_eval.items() if k.startswith(("val_top1_", "val_top5_"))},
             "checkpoint": str(tag_dir), "weights": None if export is None else str(export),
             "run_dir": str(self.run_dir),
         }
