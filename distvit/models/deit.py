@@ -42,10 +42,11 @@ class DistilledVisionTransformer(VisionTransformer):
     VisionTransformerDistilled layout (cls_token, pos_embed, dist_token, ..., head, head_dist)."""
 
     def __init__(self, **kwargs):
-        if kwargs.get("global_pool", "token") != "token" or kwargs.get("class_token", True) is not True:
-            raise ValueError("DistilledVisionTransformer: the two heads read the class and distillation tokens; "
-                             f"global_pool={kwargs.get('global_pool')!r} / class_token={kwargs.get('class_token')!r} "
-                             "cannot be changed (use a deit_* model without 'distilled' for average pooling)")
+        pool, cls_token = kwargs.get("global_pool", "token"), kwargs.get("class_token", True)
+        if pool != "token" or cls_token is not True:
+            raise ValueError(f"DistilledVisionTransformer: global_pool={pool!r}, class_token={cls_token!r}; the two heads "
+                             "read the class and distillation tokens, so these stay 'token' and True (use a deit_* "
+                             "model without 'distilled' for average pooling)")
         super().__init__(**kwargs)
         self.num_prefix_tokens = 2
         self.dist_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
