@@ -472,7 +472,6 @@ class Trainer:
             "final_top1": last_eval.get("val_top1"), "final_top5": last_eval.get("val_top5"),
             "best_top1": self.best["val_top1"], "best_top5": self.best["val_top5"],
             **{f"final_{k[len('val_'):]}": v for k, v in last_eval.items() if k.startswith(("val_loss_", "val_top1_", "val_top5_"))},
-            **{f"final_{k[len('val_'):]}": v for k, v in last_eval.items() if k.startswith(("val_top1_", "val_top5_"))},
             "checkpoint": str(tag_dir), "weights": None if export is None else str(export),
             "run_dir": str(self.run_dir),
         }
