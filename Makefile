@@ -9,9 +9,11 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 # The CPU build of torch this project pins for its own machines (a range in pyproject admits it).
 TORCH_PIN := torch==2.13.0
-# timm is a test-time reference only; --no-deps because its torchvision dependency cannot load
-# beside the CPU torch pin (tests stub torchvision for timm's model code).
+# timm is a test-time reference only, installed beside the venv (not into it: accelerate's CLI
+# imports timm when it is installed, and timm needs torchvision, which cannot load beside the CPU
+# torch pin). --no-deps for the same reason; tests stub torchvision for timm's model code.
 TIMM_PIN  := timm==1.0.31
+TIMM_DIR  := $(VENV)/reference
 RUN_NAME  ?= demo_digits-$(shell date +%Y%m%d-%H%M%S)
 DEMO_RANKS ?= 2
 PYTEST_ARGS ?=
@@ -31,7 +33,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(PIP) install -e '.[dev]'
-	$(PIP) install --no-deps $(TIMM_PIN)
+	$(PIP) install --no-deps --target $(TIMM_DIR) $(TIMM_PIN)
 	touch $@
 
 install: $(VENV)/.installed

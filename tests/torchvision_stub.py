@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.machinery
 import sys
 import types
+from pathlib import Path
 
 
 class _MetaInert(type):
@@ -58,8 +59,17 @@ class _InertFinder:
         pass
 
 
+REFERENCE_DIR = Path(__file__).resolve().parent.parent / ".venv" / "reference"
+
+
 def import_timm():
-    """Import timm, stubbing torchvision if the real one does not load. Returns the module or None."""
+    """Import timm, stubbing torchvision if the real one does not load. Returns the module or None.
+
+    timm is looked for in the environment first, then in .venv/reference, where `make test`
+    installs it (outside site-packages, so that accelerate's CLI does not import it).
+    """
+    if REFERENCE_DIR.is_dir() and str(REFERENCE_DIR) not in sys.path:
+        sys.path.append(str(REFERENCE_DIR))
     try:
         import timm  # noqa: F401
 
