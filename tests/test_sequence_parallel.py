@@ -29,8 +29,10 @@ from distvit.attention.sequence_parallel import (
 TOL = dict(rtol=1e-5, atol=1e-5)
 B, H, D = 2, 4, 8
 TOKEN_COUNTS = (24, 21)
-# (impl, layout): Ulysses has the contiguous layout only.
-IMPLS = (("ulysses", "contiguous"), ("ring", "contiguous"), ("ring", "zigzag"))
+# (impl, layout, backend): Ulysses has the contiguous layout only. The ring's pieces run aten's
+# fused CPU flash kernels under "auto" and the attention API's math plus our backward under "math".
+IMPLS = (("ulysses", "contiguous", "auto"), ("ring", "contiguous", "auto"), ("ring", "zigzag", "auto"),
+         ("ring", "zigzag", "math"))
 
 
 # --- single process: layouts and argument checks -------------------------------------------------
@@ -132,16 +134,16 @@ def _attention_worker(rank, world, sp, port, out_dir):
     try:
         group, sp_rank, dp_rank = _mesh_groups(world, sp)
         results = {}
-        for (impl, layout), causal, seq_len in itertools.product(IMPLS, (False, True), TOKEN_COUNTS):
+        for (impl, layout, backend), causal, seq_len in itertools.product(IMPLS, (False, True), TOKEN_COUNTS):
             q, k, v, do = (shard_tokens(t, 2, sp_rank, sp, layout=layout)
                            for t in _attention_inputs(seq_len, seed=dp_rank))
             q, k, v = (t.requires_grad_() for t in (q, k, v))
             fn = ulysses_attention if impl == "ulysses" else ring_attention
             kw = {} if impl == "ulysses" else {"layout": layout}
             with _CallCounter() as calls:
-                o = fn(q, k, v, group, causal=causal, seq_len=seq_len, **kw)
+                o = fn(q, k, v, group, causal=causal, seq_len=seq_len, backend=backend, **kw)
                 (o * do).sum().backward()
-            results[(impl, layout, causal, seq_len)] = {
+            results[(impl, layout, backend, causal, seq_len)] = {
                 "o": o.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad, "calls": calls.counts,
             }
         try:
@@ -156,8 +158,8 @@ def _attention_worker(rank, world, sp, port, out_dir):
 def _check_attention_against_single_process(tmp_path, world, sp):
     mp.spawn(_attention_worker, args=(world, sp, _free_port(), str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    for (impl, layout), causal, seq_len in itertools.product(IMPLS, (False, True), TOKEN_COUNTS):
-        key = (impl, layout, causal, seq_len)
+    for (impl, layout, backend), causal, seq_len in itertools.product(IMPLS, (False, True), TOKEN_COUNTS):
+        key = (impl, layout, backend, causal, seq_len)
         for dp_rank in range(world // sp):
             q, k, v, do = _attention_inputs(seq_len, seed=dp_rank)
             q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -195,6 +197,7 @@ def test_attention_sp4_equals_single_process(tmp_path):
     _check_attention_against_single_process(tmp_path, world=4, sp=4)
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_attention_dp2_sp2_equals_single_process(tmp_path):
     # Two sp groups ({0,1}, {2,3}) on different data: the ring addresses its peers by global rank.

@@ -293,6 +293,39 @@ class _Ring:
             r.wait()
 
 
+def _fused_cpu_pair(q: torch.Tensor, backend: str):
+    """aten's flash-attention-for-cpu kernels (forward with lse; backward from a given o and lse), or None.
+
+    The ring needs both halves of a flash kernel: (o, lse) of a piece, and the gradient of a
+    piece given the FINAL o and lse of its rows. The attention API returns lse (on the CPU by
+    blockwise math) but exposes no such backward; PyTorch ships the fused pair for the CPU, 2-3x
+    faster than math at these sizes. Used where the attention API would pick SDPA on the CPU.
+    """
+    aten = torch.ops.aten
+    if q.device.type != "cpu" or backend not in ("auto", "sdpa") or not hasattr(
+            aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        return None
+    return aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _piece_forward(q, k, v, causal, scale, backend):
+    """(o, lse) of queries q against keys k (causal pieces are square: top-left = bottom-right)."""
+    fused = _fused_cpu_pair(q, backend)
+    if fused is not None:
+        return fused[0](q, k, v, 0.0, causal, scale=scale)
+    return attention(q, k, v, causal=causal, scale=scale, backend=backend, return_lse=True)
+
+
+def _piece_backward(q, k, v, o, do, lse, delta, causal, scale, backend):
+    """dq, dk, dv of one piece given the final o, lse (and delta = rowsum(dO * O)) of its rows."""
+    fused = _fused_cpu_pair(q, backend)
+    if fused is not None:
+        dq, dk, dv = fused[1](do.contiguous(), q, k, v, o.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        return dq.to(acc), dk.to(acc), dv.to(acc)
+    return _block_grads(q, k, v, o, do, lse, delta, causal, scale)
+
+
 def _block_grads(q, k, v, o, do, lse, delta, causal, scale):
     """dq, dk, dv of one (query rows, key block) piece given the final o, lse of the rows.
 
@@ -337,8 +370,8 @@ class _RingAttention(torch.autograd.Function):
             # The next block travels while this one is computed.
             incoming, requests = ring.shift(kv) if step < ring.world - 1 else (None, [])
             for q_lo, q_hi, k_lo, k_hi, piece_causal in _ring_tasks(layout, causal, ring.rank, src, ring.world, local, seq_len):
-                o_p, lse_p = attention(q[:, :, q_lo:q_hi], kv[0, :, :, k_lo:k_hi], kv[1, :, :, k_lo:k_hi],
-                                       causal=piece_causal, scale=scale, backend=backend, return_lse=True)
+                o_p, lse_p = _piece_forward(q[:, :, q_lo:q_hi], kv[0, :, :, k_lo:k_hi], kv[1, :, :, k_lo:k_hi],
+                                            piece_causal, scale, backend)
                 o[:, :, q_lo:q_hi], lse[:, :, q_lo:q_hi] = merge_two(
                     o[:, :, q_lo:q_hi], lse[:, :, q_lo:q_hi], o_p.to(acc), lse_p.to(acc))
             ring.wait(requests)
@@ -346,6 +379,7 @@ class _RingAttention(torch.autograd.Function):
         o = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.group, ctx.causal, ctx.layout, ctx.scale, ctx.seq_len = group, causal, layout, scale, seq_len
+        ctx.backend = backend
         return o
 
     @staticmethod
@@ -366,9 +400,9 @@ class _RingAttention(torch.autograd.Function):
             for q_lo, q_hi, k_lo, k_hi, piece_causal in _ring_tasks(ctx.layout, ctx.causal, ring.rank, src, ring.world,
                                                                      local, ctx.seq_len):
                 rows = slice(q_lo, q_hi)
-                dq_p, dk_p, dv_p = _block_grads(q[:, :, rows], kv[0, :, :, k_lo:k_hi], kv[1, :, :, k_lo:k_hi],
-                                                o[:, :, rows], do[:, :, rows], lse[:, :, rows], delta[:, :, rows],
-                                                piece_causal, ctx.scale)
+                dq_p, dk_p, dv_p = _piece_backward(q[:, :, rows], kv[0, :, :, k_lo:k_hi], kv[1, :, :, k_lo:k_hi],
+                                                   o[:, :, rows], do[:, :, rows], lse[:, :, rows], delta[:, :, rows],
+                                                   piece_causal, ctx.scale, ctx.backend)
                 dq[:, :, rows] += dq_p
                 dkv[0, :, :, k_lo:k_hi] += dk_p
                 dkv[1, :, :, k_lo:k_hi] += dv_p
