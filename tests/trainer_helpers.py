@@ -37,6 +37,12 @@ def launch(args: list[str], *, nproc: int = 2, launcher: str = "torchrun", env: 
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}", script]
     elif launcher == "deepspeed":
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", str(nproc), "--master_port", port, script]
+    elif launcher == "accelerate":
+        # accelerate's --multi_gpu path is torchrun underneath; it runs CPU ranks too.
+        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", f"--num_processes={nproc}",
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}", script]
+    elif launcher == "distvit":
+        cmd = [str(Path(sys.executable).parent / "distvit"), "train"]
     elif launcher == "python":
         cmd = [sys.executable, script]
     else:
