@@ -31,6 +31,7 @@ PEAK_TFLOPS_BF16 = [
 COLUMNS = [
     "step", "epoch", "loss", "lr", "grad_norm", "img_per_s", "step_time_s", "tflops", "mfu",
     "peak_mem_gib", "bad_samples", "val_loss", "val_top1", "val_top5", "ema_val_top1",
+    "val_top1_cls", "val_top1_dist",  # distilled models: each head alone (val_top1 is their average)
 ]
 
 
