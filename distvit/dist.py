@@ -2,10 +2,12 @@
 
 Rank discovery, in order (the first launcher whose variables are present wins):
   - deepspeed / torchrun / accelerate launch: RANK, WORLD_SIZE, LOCAL_RANK
-  - Slurm srun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (master = first host of the node list)
   - Open MPI mpirun: OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK
   - MPICH / Intel MPI (PMI): PMI_RANK, PMI_SIZE, MPI_LOCALRANKID
+  - Slurm srun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (master = first host of the node list)
   - none: a single process (rank 0 of 1)
+The innermost launcher wins: mpirun inside a Slurm allocation starts its daemons with srun, so its
+ranks also carry SLURM_PROCID / SLURM_NTASKS, but those count nodes (one daemon each), not ranks.
 The result is written back to RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT so that
 torch.distributed and DeepSpeed see one consistent view whatever launched us.
 
@@ -58,8 +60,6 @@ def discover() -> LaunchInfo:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), _int_env("LOCAL_RANK") or 0, "torch")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and env.get("SLURM_STEP_ID") is not None:
-        return LaunchInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), _int_env("SLURM_LOCALID") or 0, "slurm")
     if "OMPI_COMM_WORLD_RANK" in env:
         return LaunchInfo(
             int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
@@ -67,6 +67,9 @@ def discover() -> LaunchInfo:
         )
     if "PMI_RANK" in env and "PMI_SIZE" in env:
         return LaunchInfo(int(env["PMI_RANK"]), int(env["PMI_SIZE"]), _int_env("MPI_LOCALRANKID", "PALS_LOCAL_RANKID") or 0, "pmi")
+    # SLURM_STEP_ID tells an srun task from the batch shell, which also has SLURM_PROCID=0.
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and env.get("SLURM_STEP_ID") is not None:
+        return LaunchInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), _int_env("SLURM_LOCALID") or 0, "slurm")
     return LaunchInfo(0, 1, 0, "single")
 
 
