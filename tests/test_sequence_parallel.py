@@ -72,6 +72,18 @@ def test_single_process_calls_equal_plain_attention_and_drop_padding():
         torch.testing.assert_close(out[:, :, :21], ref, **TOL)
 
 
+def test_parallelize_sequence_rejects_what_it_cannot_shard():
+    from distvit.models.parallelize import parallelize_sequence
+
+    with pytest.raises(TypeError, match="got a Linear; token sharding is implemented for "
+                                        "distvit.models.vit.VisionTransformer"):
+        parallelize_sequence(torch.nn.Linear(2, 2), None, "ring")
+    with pytest.raises(ValueError, match=r"impl='allgather' \(parallel.sp_impl\); choose one of ulysses, ring"):
+        parallelize_sequence(_vit("avg", False), None, "allgather")
+    with pytest.raises(ValueError, match="layout='zigzag' with impl='ulysses'"):
+        parallelize_sequence(_vit("avg", False), None, "ulysses", layout="zigzag")
+
+
 def test_seq_len_that_does_not_match_the_shards_is_an_error():
     q = torch.zeros(B, H, 4, D)
     with pytest.raises(ValueError, match=r"seq_len=5 padded for 1 ranks \(contiguous\) is 5 tokens, but the ranks "
@@ -143,8 +155,13 @@ def _attention_worker(rank, world, sp, port, out_dir):
             with _CallCounter() as calls:
                 o = fn(q, k, v, group, causal=causal, seq_len=seq_len, backend=backend, **kw)
                 (o * do).sum().backward()
+            # gather_tokens: the full sequence on every rank; its gradient is this rank's slice.
+            local = o.detach().requires_grad_()
+            full = gather_tokens(local, 2, group, seq_len=seq_len, layout=layout)
+            (full * _attention_inputs(seq_len, seed=dp_rank)[3]).sum().backward()
             results[(impl, layout, backend, causal, seq_len)] = {
                 "o": o.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad, "calls": calls.counts,
+                "gathered": full.detach(), "gather_grad_ok": torch.equal(local.grad, do),
             }
         try:
             ulysses_attention(*(torch.zeros(B, 3, 12 // sp, D) for _ in range(3)), group)
@@ -169,6 +186,9 @@ def _check_attention_against_single_process(tmp_path, world, sp):
             for name, expect in (("o", ref), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
                 got = unshard_tokens([g[name] for g in group], 2, seq_len, layout=layout)
                 torch.testing.assert_close(got, expect, **TOL, msg=lambda m: f"{key} {name}: {m}")
+            for g in group:
+                torch.testing.assert_close(g["gathered"], ref.detach(), **TOL, msg=lambda m: f"{key} gather: {m}")
+                assert g["gather_grad_ok"], key
             calls = group[0]["calls"]
             if impl == "ring":
                 # K/V pass around the ring: sp-1 shifts forward, sp-1 K/V + sp dK/dV shifts backward;
@@ -252,6 +272,10 @@ def _vit_worker(rank, world, sp, port, out_dir):
             logits = model(images)
             torch.nn.functional.cross_entropy(logits, labels).backward()
             results[case] = {"logits": logits.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}}
+        try:
+            parallelize_sequence(_vit("avg", False, embed_dim=48, num_heads=3), group, "ulysses")
+        except ValueError as e:
+            results["heads_error"] = str(e)
         # Stochastic depth and head dropout: one mask for the whole sp group, so the logits agree.
         model = parallelize_sequence(_vit("token", True, drop_path_rate=0.5, drop_rate=0.5), group, "ring")
         images, _ = _vit_batch(dp_rank)
@@ -283,6 +307,10 @@ def _check_vit_against_single_process(tmp_path, world, sp):
                         torch.testing.assert_close(g, p.grad, **TOL, msg=lambda m: f"{case} {name}: {m}")
                 else:  # the sum over the sp group is the full gradient
                     torch.testing.assert_close(sum(grads), p.grad, **TOL, msg=lambda m: f"{case} {name}: {m}")
+    assert ranks[0]["heads_error"] == (
+        f"parallelize_sequence: parallel.sp_size={sp} does not divide the model's 3 attention heads, which Ulysses "
+        "splits over the sp ranks; use parallel.sp_size in [1, 3] or parallel.sp_impl=ring (any head count)"
+    )
     for d in range(world // sp):
         group = ranks[d * sp:(d + 1) * sp]
         for r in group[1:]:
