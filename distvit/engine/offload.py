@@ -19,7 +19,6 @@ Use:
 """
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Callable, Literal
 
 import torch
@@ -27,8 +26,9 @@ import torch
 from distvit.engine.offload_backend import backend_for
 from distvit.engine.offload_calibrate import calibrate
 from distvit.engine.offload_kernels import CpuAdamStandIn, TorchAdam
-from distvit.engine.offload_model import Fraction, Plan, Rates, make_plan, refit
-from distvit.engine.offload_schedule import InterleavedZero3Hooks, StepRecord, SubGroupPipeline, measured_rates
+from distvit.engine.offload_model import SLOT_BYTES_PER_ELEMENT, Fraction, Plan, Rates
+from distvit.engine.offload_replan import Replanner
+from distvit.engine.offload_schedule import InterleavedZero3Hooks, StepRecord, SubGroupPipeline
 
 OffloadMode = Literal["none", "cpu", "partial", "interleaved"]
 MEMORY_HEADROOM = 0.9  # share of the free device memory the slots may take
@@ -89,52 +89,41 @@ class InterleavedOffload:
 
     def __init__(self, zero_opt, backend, kernel, rates: Rates, fraction: Fraction, *, max_resident: int,
                  log_every: int, say: Callable[[str], None], drift_tolerance: float, patience: int,
-                 recalibrate: Callable[[], Rates] | None = None):
+                 min_gain: float = 0.1, max_replans: int = 4, recalibrate: Callable[[], Rates] | None = None):
         self.zero_opt = zero_opt
-        self.recalibrate = recalibrate
         self.backend = backend
         self.kernel = kernel
-        self.rates = rates
         self.fraction = fraction
-        self.max_resident = max_resident
         self.log_every = log_every
-        self.drift_tolerance = drift_tolerance
-        self.patience = patience
         self._say = say
         self.pipeline = SubGroupPipeline(zero_opt, backend, kernel)
         self.sizes = tuple(t.numel() for t in zero_opt.fp32_partitioned_groups_flat)
-        self.param_bytes = zero_opt.fp16_partitioned_groups_flat[0].element_size()
         self.steps = 0
-        self.replans = 0
-        self._drifting = 0
         self._last: StepRecord | None = None
-        self._recent: deque[StepRecord] = deque(maxlen=max(patience, 1))  # what a re-plan refits to
         self._measured_sum = 0.0
         self._original_class = None
-        self.plan = self._make_plan(backend.memory_budget() * MEMORY_HEADROOM)
+        self.replanner = Replanner(
+            self.sizes, fraction, rates, param_bytes=zero_opt.fp16_partitioned_groups_flat[0].element_size(),
+            max_resident=max_resident, memory_budget=backend.memory_budget() * MEMORY_HEADROOM,
+            drift_tolerance=drift_tolerance, patience=patience, min_gain=min_gain, max_replans=max_replans,
+            recalibrate=recalibrate,
+        )
 
-    # -- planning ---------------------------------------------------------------------------
-    def _make_plan(self, memory_budget: float) -> Plan:
-        self._memory_budget = memory_budget
-        return make_plan(self.sizes, self.fraction, self.rates, param_bytes=self.param_bytes,
-                         max_resident=self.max_resident, memory_budget=memory_budget)
+    @property
+    def plan(self) -> Plan:
+        return self.replanner.plan
 
-    def replan(self, reason: str) -> Plan:
-        """Refit the model to the last step's measurements and choose the placement again."""
-        # A side that did no work lately (all sub-groups on one side) has no measurement: time it
-        # again on scratch tensors rather than trust a start-up number that may have been wrong.
-        base = self.recalibrate() if self.recalibrate is not None else self.rates
-        if self._recent:
-            # the window already averages `patience` steps: take it as is
-            base = refit(base, measured_rates(self._recent), weight=1.0)
-        self.rates = base
-        old = self.plan
-        self.plan = self._make_plan(self._memory_budget)
-        self.replans += 1
-        self._drifting = 0
-        if _rank() == 0:
-            self._say(f"re-planned ({reason}): {old.device_fraction:.0%} -> {self.plan.describe()}")
-        return self.plan
+    @property
+    def rates(self) -> Rates:
+        return self.replanner.rates
+
+    @property
+    def replans(self) -> int:
+        return self.replanner.replans
+
+    def _tell(self, message: str | None) -> None:
+        if message and _rank() == 0:
+            self._say(message)
 
     # -- called by the hooks ----------------------------------------------------------------
     def _loop_started(self) -> None:
@@ -143,8 +132,7 @@ class InterleavedOffload:
         if self.backend.concurrent:  # activations are freed now: this is the memory the slots can have
             budget = self.backend.memory_budget() * MEMORY_HEADROOM
             if self.plan.slot_bytes > budget:
-                self._memory_budget = budget
-                self.replan(f"only {budget / 2**20:.0f} MiB free for slots")
+                self._tell(self.replanner.shrink_memory(budget, f"only {budget / 2**20:.0f} MiB free for slots"))
         self.pipeline.begin(self.plan.on_device, self.plan.resident)
 
     def _loop_finished(self) -> None:
@@ -152,21 +140,16 @@ class InterleavedOffload:
             return
         rec = self.pipeline.finish()
         self._last = rec
-        self._recent.append(rec)
         self.steps += 1
         self._measured_sum += rec.wall_s
         predicted = self.plan.predicted_s
-        drift = abs(rec.wall_s - predicted) / predicted if predicted > 0 else 0.0
-        self._drifting = self._drifting + 1 if drift > self.drift_tolerance else 0
         if self.log_every and self.steps % self.log_every == 0 and _rank() == 0:
             self._say(
                 f"offload step {self.steps}: update {rec.wall_s * 1e3:.2f} ms measured vs "
                 f"{predicted * 1e3:.2f} ms predicted; H2D {rec.h2d_s * 1e3:.2f} ms, device Adam "
                 f"{rec.device_adam_s * 1e3:.2f} ms, D2H {rec.d2h_s * 1e3:.2f} ms, CPU Adam {rec.cpu_adam_s * 1e3:.2f} ms"
             )
-        if self._drifting >= self.patience:
-            self.replan(f"measured {rec.wall_s * 1e3:.2f} ms vs predicted {predicted * 1e3:.2f} ms "
-                        f"for {self.patience} steps")
+        self._tell(self.replanner.observe(rec))
 
     # -- reporting --------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -174,7 +157,10 @@ class InterleavedOffload:
         last = self._last or StepRecord()
         return {
             "steps": self.steps,
-            "replans": self.replans,
+            "replans": self.replanner.replans,
+            "refits": self.replanner.refits,
+            "step_overhead_s": self.rates.step_overhead_s,
+            "measured_placements": dict(self.replanner.measured),
             "device_subgroups": len(self.plan.on_device),
             "subgroups": len(self.sizes),
             "device_fraction": self.plan.device_fraction,
@@ -262,6 +248,8 @@ def enable_interleaved_offload(
     patience: int = 3,
     kernel: Literal["auto", "torch", "cpu_adam"] = "auto",
     rates: Rates | None = None,
+    min_gain: float = 0.1,
+    max_replans: int = 4,
 ) -> InterleavedOffload:
     """Install the interleaved schedule into a ZeRO-3 + CPU-offload engine; call right after deepspeed.initialize.
 
@@ -272,6 +260,10 @@ def enable_interleaved_offload(
     max_resident: sub-groups whose buffers may sit on the device at once (2 = double buffering).
     kernel: device Adam; "auto" is "torch" on CUDA and "cpu_adam" (bitwise stock) on the CPU stand-in.
     rates: skip the start-up calibration and plan with these speeds (re-plans still measure).
+    drift_tolerance, patience: refit the model when measured and predicted update time differ by
+        more than this share for this many steps in a row (offload_replan.Replanner).
+    min_gain, max_replans: with "auto", move sub-groups only for an expected gain above this share
+        of the current update time, and at most this many times in a run.
     """
     _check_fraction(gpu_fraction, "gpu_fraction (parallel.offload_gpu_fraction)")
     opt = _validate(engine)
@@ -293,16 +285,54 @@ def enable_interleaved_offload(
     handle = InterleavedOffload(
         opt, backend, make_kernel(opt.optimizer), rates or recalibrate(), gpu_fraction, max_resident=max_resident,
         log_every=log_every, say=_say_with(logger), drift_tolerance=drift_tolerance, patience=patience,
-        recalibrate=recalibrate,
+        min_gain=min_gain, max_replans=max_replans, recalibrate=recalibrate,
     )
     handle._original_class = type(opt)
     opt.__class__ = type(f"Interleaved{type(opt).__name__}", (InterleavedZero3Hooks, type(opt)), {})
     opt._interleaved = handle
     if _rank() == 0:
         handle._say(handle.plan.describe())
-        if len(handle.sizes) == 1:
-            handle._say(
-                f"interleaved offload: this rank has a single sub-group of {handle.sizes[0]:,} elements, so the "
-                "update cannot be split; lower parallel.sub_group_size (e.g. to a tenth of it) to interleave"
-            )
+        advice = granularity_advice(handle.sizes, opt.sub_group_size, max_resident=max_resident,
+                                    memory_budget=handle.replanner.memory_budget if backend.concurrent else None)
+        if advice:
+            handle._say(advice)
     return handle
+
+
+COARSEST_SHARE = 0.4  # one sub-group above this share of a rank's elements leaves too little to place
+PIECES = 8  # sub-groups per rank the suggestion aims at: 1/8 steps of the fraction, room to pipeline
+
+
+def suggest_sub_group_size(elements_per_rank: int, *, max_resident: int = 2, memory_budget: float | None = None) -> int:
+    """A `parallel.sub_group_size` that cuts a rank's optimizer state into about 8 sub-groups.
+
+    DeepSpeed's default (1e9 elements) leaves one sub-group per parameter group, which interleaved
+    offload cannot split. With `memory_budget` (device bytes free for the update phase), the size
+    is also capped so that `max_resident` slots of 16 B per element fit in it.
+    Rounded to two significant digits; at least 1.
+    """
+    if elements_per_rank < 1:
+        raise ValueError(f"elements_per_rank must be >= 1, got {elements_per_rank}")
+    size = -(-elements_per_rank // PIECES)
+    if memory_budget is not None:
+        size = min(size, int(memory_budget // (SLOT_BYTES_PER_ELEMENT * max_resident)))
+    size = max(1, size)
+    digits = max(0, len(str(size)) - 2)
+    return max(1, round(size, -digits))
+
+
+def granularity_advice(sizes: tuple[int, ...], sub_group_size: int, *, max_resident: int = 2,
+                       memory_budget: float | None = None) -> str | None:
+    """What to set when the sub-groups are too coarse to split the update (None when they are fine)."""
+    total = sum(sizes)
+    largest = max(sizes)
+    if total == 0 or largest <= COARSEST_SHARE * total:
+        return None
+    how = ("cannot be split at all" if len(sizes) == 1
+           else f"can only move in pieces that coarse (the largest holds {largest / total:.0%})")
+    return (
+        f"interleaved offload: this rank's {total:,} optimizer elements sit in {len(sizes)} sub-group(s) "
+        f"(parallel.sub_group_size={sub_group_size:,}), so the update {how}; set "
+        f"parallel.sub_group_size={suggest_sub_group_size(total, max_resident=max_resident, memory_budget=memory_budget)} "
+        f"(about 1/{PIECES} of a rank's elements) to interleave"
+    )

@@ -73,6 +73,7 @@ class StepRecord:
     d2h_bytes: int = 0
     device_groups: int = 0
     events: list = field(default_factory=list)  # (kind, start, end, n) resolved at finish
+    calls: list = field(default_factory=list)  # (Rates speed name, amount, seconds) per sub-group call
 
 
 _RATE_FIELDS = {  # Rates field -> (amount, seconds) fields of StepRecord
@@ -82,19 +83,57 @@ _RATE_FIELDS = {  # Rates field -> (amount, seconds) fields of StepRecord
     "device_adam": ("device_adam_elements", "device_adam_s"),
     "d2h": ("d2h_bytes", "d2h_s"),
 }
+SIZE_SPREAD = 4.0  # calls must differ this much in size before a per-call cost is fitted (noise)
 
 
-def measured_rates(records) -> dict[str, float]:
-    """Speeds seen over some steps (total amount / total time), in the units of offload_model.Rates.
+def _per_call_fit(samples: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """(seconds per call, amount per second) of t = a + n / rate by least squares; None if not identifiable.
 
+    Needs calls of different sizes (DeepSpeed's last sub-group of a parameter group is smaller than
+    the rest); a negative cost or speed (noise) is no fit either.
+    """
+    sizes = [n for n, _ in samples]
+    if len(samples) < 2 or max(sizes) < SIZE_SPREAD * min(sizes):
+        return None
+    mean_n = sum(sizes) / len(sizes)
+    mean_t = sum(t for _, t in samples) / len(samples)
+    var = sum((n - mean_n) ** 2 for n in sizes)
+    slope = sum((n - mean_n) * (t - mean_t) for n, t in samples) / var
+    per_call = mean_t - slope * mean_n
+    if slope <= 0 or per_call < 0:
+        return None
+    return per_call, 1.0 / slope
+
+
+def measured_rates(records, prior=None) -> dict[str, float]:
+    """Speeds and per-call costs seen over some steps, as `offload_model.Rates` field values.
+
+    With calls of different sizes the fixed cost per call is fitted apart from the speed
+    (`<name>_call_s`). Otherwise, given `prior` (Rates timed on large scratch tensors), the speed
+    is taken from it and what the calls took beyond it becomes the per-call cost: so a window of
+    small sub-groups, whose time is mostly that cost, does not make large ones look slow. Without
+    a prior (or when the loop ran faster than it) the speed is total amount / total time.
     A resource that did no work in these steps (no device sub-groups, say) is left out.
     """
     out = {}
     for rate, (amount_field, seconds_field) in _RATE_FIELDS.items():
         amount = sum(getattr(r, amount_field) for r in records)
         seconds = sum(getattr(r, seconds_field) for r in records)
-        if amount and seconds > 0:
-            out[rate] = amount / seconds
+        if not (amount and seconds > 0):
+            continue
+        samples = [(n, t) for r in records for name, n, t in r.calls if name == rate]
+        fit = _per_call_fit(samples)
+        if fit is not None:
+            out[f"{rate}_call_s"], out[rate] = fit
+            continue
+        out[rate] = amount / seconds
+        if not samples:
+            continue
+        out[f"{rate}_call_s"] = 0.0  # measured calls whose cost could not be split: the speed carries it all
+        if prior is not None:
+            extra = (seconds - amount / getattr(prior, rate)) / len(samples)
+            if extra > 0:
+                out[rate], out[f"{rate}_call_s"] = getattr(prior, rate), extra
     return out
 
 
@@ -141,12 +180,13 @@ class SubGroupPipeline:
             if kind == "h2d":
                 rec.h2d_s += seconds
                 rec.h2d_bytes += amount
-            elif kind == "update":
+            elif kind == "device_adam":
                 rec.device_adam_s += seconds
                 rec.device_adam_elements += amount
             else:
                 rec.d2h_s += seconds
                 rec.d2h_bytes += amount
+            rec.calls.append((kind, amount, seconds))
         rec.events = []
         rec.wall_s = time.perf_counter() - self._t0
         self.slots, self.index, self.active = [], {}, False  # slot memory goes back to the allocator
@@ -160,16 +200,20 @@ class SubGroupPipeline:
         t = time.perf_counter()
         run()
         if self.active:
-            self.record.cpu_adam_s += time.perf_counter() - t
-            self.record.cpu_adam_elements += self._numel(sub_group_id)
+            seconds, n = time.perf_counter() - t, self._numel(sub_group_id)
+            self.record.cpu_adam_s += seconds
+            self.record.cpu_adam_elements += n
+            self.record.calls.append(("cpu_adam", n, seconds))
 
     def timed_param_write(self, sub_group_id: int, run) -> None:
         t = time.perf_counter()
         run()
         if self.active:
-            self.record.param_write_s += time.perf_counter() - t
+            seconds = time.perf_counter() - t
             lp = self.opt.fp16_partitioned_groups_flat[sub_group_id]
+            self.record.param_write_s += seconds
             self.record.param_write_bytes += lp.numel() * lp.element_size()
+            self.record.calls.append(("param_write", lp.numel() * lp.element_size(), seconds))
 
     # -- device sub-groups ------------------------------------------------------------------
     def unscale(self, sub_group_id: int, factor) -> None:
@@ -190,7 +234,7 @@ class SubGroupPipeline:
             start = b.record(b.update_stream)
             self.kernel(slot.param[:n], slot.grad[:n], slot.exp_avg[:n], slot.exp_avg_sq[:n], state["step"], group)
             end = b.record(b.update_stream)
-        self.record.events.append(("update", start, end, n))
+        self.record.events.append(("device_adam", start, end, n))
 
     def write_params(self, sub_group_id: int) -> None:
         """Stock copies fp32 host -> model partition; here the device copy is already there."""
