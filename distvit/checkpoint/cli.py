@@ -4,6 +4,7 @@
     distvit ckpt verify runs/demo/checkpoints/step_00000100
     distvit ckpt consolidate runs/demo/checkpoints --out model.safetensors
     distvit ckpt prune runs/demo/checkpoints --keep 2
+    distvit ckpt reshape runs/demo/checkpoints --out runs/demo_8ranks/checkpoints   # resume on another world size
 
 DIR may be a checkpoints folder (its newest complete checkpoint is used) or one step_* folder.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from distvit.checkpoint import io as ckio
+from distvit.checkpoint import reshape as ckreshape
 
 
 class CheckpointError(RuntimeError):
@@ -47,6 +49,8 @@ def verify(tag_dir: Path) -> list[str]:
     except (OSError, json.JSONDecodeError) as exc:
         return problems + [f"{tag_dir / ckio.META}: unreadable ({exc})"]
     world, stage = meta["world_size"], meta["zero_stage"]
+    if ckreshape.is_reshaped(meta):
+        return problems + _check_files(tag_dir, _reshaped_files(tag_dir, meta))
     expected = [ckio.rank_state_file(r) for r in range(world)]
     if stage == 3:
         expected += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(meta["dp_size"])]
@@ -55,7 +59,12 @@ def verify(tag_dir: Path) -> list[str]:
     if stage >= 1:
         expected += [f"{'bf16_' if meta.get('precision') == 'bf16' and stage < 3 else ''}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
                      for r in range(meta["dp_size"])]
-    for name in expected:
+    return problems + _check_files(tag_dir, expected)
+
+
+def _check_files(tag_dir: Path, names: list[str]) -> list[str]:
+    problems = []
+    for name in names:
         f = tag_dir / name
         if not f.is_file():
             problems.append(f"{f}: missing")
@@ -67,16 +76,36 @@ def verify(tag_dir: Path) -> list[str]:
     return problems
 
 
+def _reshaped_files(tag_dir: Path, meta: dict) -> list[str]:
+    """A reshaped checkpoint: the shared state, the source's model-states file(s), and (universal)
+    every parameter's whole fp32 weights and Adam moments under zero/."""
+    names = [ckreshape.COMMON_STATE]
+    if meta["zero_stage"] == 3:
+        names += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(meta["reshaped_from"]["dp_size"])]
+    else:
+        names.append("mp_rank_00_model_states.pt")
+    if meta.get("universal"):
+        names.append(f"{ckreshape.UNIVERSAL_DIR}/optimizer_state.pt")
+        first_missing = [n for n in names if not (tag_dir / n).is_file()]
+        if not first_missing:  # the parameter list comes from the model-states file
+            names += ckreshape.expected_universal_files(tag_dir)
+    return names
+
+
 def inspect(tag_dir: Path) -> dict:
     meta = ckio.read_meta(tag_dir)
-    sizes = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
-    rank0 = torch.load(tag_dir / ckio.rank_state_file(0), map_location="cpu", weights_only=False)
+    sizes = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+    reshaped = ckreshape.is_reshaped(meta)
+    # A reshaped checkpoint has no per-rank state: the data cursor belonged to the old layout.
+    state_file = ckreshape.COMMON_STATE if reshaped else ckio.rank_state_file(0)
+    rank0 = torch.load(tag_dir / state_file, map_location="cpu", weights_only=False)
     return {
-        "path": str(tag_dir), "step": meta["step"], "epoch": meta["epoch"], "world_size": meta["world_size"],
+        "path": str(tag_dir), "step": meta["step"], "epoch": meta["epoch"],
+        "world_size": "any (reshaped)" if reshaped else meta["world_size"],
         "dp_size": meta["dp_size"], "sp_size": meta["sp_size"], "zero_stage": meta["zero_stage"],
         "precision": meta.get("precision"), "model": meta["model"], "complete": ckio.is_complete(tag_dir),
-        "data_cursor_rank0": rank0.get("data"), "total_bytes": sum(sizes.values()), "files": sizes,
-        "config": meta["config"],
+        "data_cursor_rank0": rank0.get("data"), "reshaped_from": meta.get("reshaped_from"),
+        "total_bytes": sum(sizes.values()), "files": sizes, "config": meta["config"],
     }
 
 
@@ -95,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prune", help="delete all but the newest K complete checkpoints")
     p.add_argument("dir")
     p.add_argument("--keep", type=int, required=True)
+    p = sub.add_parser("reshape", help="rewrite a checkpoint so that any world size can resume it")
+    p.add_argument("dir")
+    p.add_argument("--out", required=True,
+                   help="checkpoints folder of the run that will resume it (e.g. runs/<name>/checkpoints)")
+    p.add_argument("--workers", type=int, default=1, help="processes that extract ZeRO shards (default 1)")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "prune":
@@ -114,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(info, indent=2, default=str))
             else:
                 for key in ("path", "step", "epoch", "model", "world_size", "dp_size", "sp_size", "zero_stage",
-                            "precision", "complete", "data_cursor_rank0"):
+                            "precision", "complete", "data_cursor_rank0", "reshaped_from"):
                     print(f"{key:>18}: {info[key]}")
                 print(f"{'size':>18}: {info['total_bytes'] / 2**20:.1f} MiB in {len(info['files'])} files")
             return 0
@@ -127,7 +161,18 @@ def main(argv: list[str] | None = None) -> int:
             out = consolidate(tag_dir, Path(args.out), overwrite=args.overwrite)
             print(f"wrote {out} (fp32, from {tag_dir})")
             return 0
-    except (CheckpointError, FileExistsError, FileNotFoundError) as exc:
+        if args.cmd == "reshape":
+            problems = verify(tag_dir)
+            if problems:
+                raise CheckpointError(f"{tag_dir} is not a complete checkpoint: {problems[0]}")
+            out = ckreshape.reshape(tag_dir, Path(args.out), workers=args.workers)
+            source_ranks = ckio.read_meta(out)["reshaped_from"]["world_size"]
+            run_dir = Path(args.out).resolve().parent
+            print(f"wrote {out} from {tag_dir} ({source_ranks} rank(s)); any world size resumes its weights, "
+                  f"optimizer state and lr schedule (the data order restarts the epoch):\n"
+                  f"  launch/train.py ... --set run.output_dir={run_dir.parent} --set run.name={run_dir.name} --resume auto")
+            return 0
+    except (CheckpointError, ckreshape.ReshapeError, FileExistsError, FileNotFoundError) as exc:
         print(f"distvit ckpt: error: {exc}", file=sys.stderr)
         return 2
     return 2

@@ -20,6 +20,10 @@ from distvit.checkpoint import io as ckio
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     tag_dir = Path(tag_dir)
     meta = ckio.read_meta(tag_dir) if (tag_dir / ckio.META).is_file() else {}
+    if meta.get("universal"):  # written by `distvit ckpt reshape`: whole fp32 tensors already
+        from distvit.checkpoint.reshape import universal_state_dict
+
+        return universal_state_dict(tag_dir)
     stage = meta.get("zero_stage")
     if stage is None:
         stage = 0 if not list(tag_dir.glob("*optim_states.pt")) else None

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from distvit import dist as ddist
 from distvit import models
 from distvit.checkpoint import io as ckio
+from distvit.checkpoint.reshape import COMMON_STATE, is_reshaped, is_universal
 from distvit.config import Config, ConfigError, save_config
 from distvit.data import build_train_loader, build_val_loader, read_manifest
 from distvit.engine import distill
@@ -129,6 +130,9 @@ class Trainer:
 
         self.precision = resolve_precision(cfg, self.device)
         ds_config = build_ds_config(cfg, self.device)
+        if self.resume_from is not None and is_universal(self.resume_from):
+            # A reshaped checkpoint (`distvit ckpt reshape`): DeepSpeed re-partitions whole tensors.
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         optimizer = build_optimizer(model, cfg, self.device)
         scheduler = build_scheduler(
             optimizer, total_steps=self.total_steps, warmup_steps=cfg.schedule.warmup_steps,
@@ -245,16 +249,30 @@ class Trainer:
 
     def _load(self, tag_dir: Path) -> None:
         meta = ckio.read_meta(tag_dir)
-        if meta.get("world_size") != self.mesh.world_size or meta.get("sp_size") != self.mesh.sp_size:
+        reshaped = is_reshaped(meta)
+        if not reshaped and (meta.get("world_size") != self.mesh.world_size or meta.get("sp_size") != self.mesh.sp_size):
             raise ConfigError(
                 f"checkpoint {tag_dir} was saved by {meta.get('world_size')} ranks (sp={meta.get('sp_size')}), "
                 f"this run has {self.mesh.world_size} (sp={self.mesh.sp_size}); resume on the same world size, or "
-                f"consolidate it (`distvit ckpt consolidate`) and start from the weights with --set model.checkpoint=FILE"
+                f"reshape it for any world size (`distvit ckpt reshape {tag_dir} --out <new run>/checkpoints`, then "
+                f"--resume auto in that run), or consolidate it (`distvit ckpt consolidate`) and start from the "
+                f"weights alone with --set model.checkpoint=FILE"
             )
         load_path, _ = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+        if reshaped:
+            # The data cursor and RNG streams belonged to the old layout (see checkpoint/reshape.py).
+            state = torch.load(tag_dir / COMMON_STATE, map_location="cpu", weights_only=False)
+            self.step, self.epoch, self.best = state["step"], state["epoch"], state["best"]
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            seed_all(self.cfg.run.seed + 1_000_003 * self.step + self.rank)
+            log0(f"resuming a checkpoint reshaped from {meta['reshaped_from']['world_size']} to "
+                 f"{self.mesh.world_size} rank(s): weights, optimizer and schedule carried over; epoch {self.epoch} "
+                 f"restarts from its first batch and the RNG is reseeded")
+            return
         state = torch.load(tag_dir / ckio.rank_state_file(self.rank), map_location="cpu", weights_only=False)
         self.step, self.epoch, self.best = state["step"], state["epoch"], state["best"]
         self.train_loader.load_state_dict(state["data"])
