@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,3 +72,34 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def reference_run(cfg, steps: int, dp_size: int = 2):
+    """Plain torch: one process, AdamW, the global batch = every rank's micro-batch concatenated."""
+    from distvit.data import build_train_loader
+    from distvit.engine.optim import param_groups
+    from distvit.engine.schedule import build_scheduler
+    from distvit.engine.trainer import build_model, seed_all
+
+    seed_all(cfg.run.seed)
+    model = build_model(cfg)
+    o = cfg.optim
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, foreach=False)
+    sched = build_scheduler(opt, total_steps=steps, warmup_steps=cfg.schedule.warmup_steps, kind=cfg.schedule.kind,
+                            peak_lr=o.lr, min_lr=cfg.schedule.min_lr)
+    iters = []
+    for r in range(dp_size):
+        loader = build_train_loader(cfg.data, dp_rank=r, dp_size=dp_size, seed=cfg.run.seed)
+        loader.set_epoch(0)
+        iters.append(iter(loader))
+    step_losses = []
+    for _ in range(steps):
+        xs, ys = zip(*(next(it) for it in iters))
+        loss = F.cross_entropy(model(torch.cat(xs)), torch.cat(ys))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step_losses.append(loss.item())
+    return model.state_dict(), step_losses

@@ -86,6 +86,10 @@ class Trainer:
     def __init__(self, cfg: Config, *, resume: str | None = None):
         self.cfg = cfg
         self.info, self.device = ddist.init(cfg.run.device)  # before DeepSpeed picks its accelerator
+        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # Ranks on one host share its cores; more threads than cores makes every matmul crawl.
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or self.info.world_size)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
         import deepspeed
 
         self.mesh = ddist.Mesh.build(cfg.parallel.sp_size)
@@ -108,7 +112,9 @@ class Trainer:
         if cfg.parallel.sp_size > 1:
             from distvit.models.parallelize import parallelize_sequence
 
-            parallelize_sequence(model, self.mesh.sp_group, impl=cfg.parallel.sp_impl)
+            # "partial": no gradient all-reduce over sp inside backward; DeepSpeed sums over sp and
+            # averages over dp in its one reduction, and ZeRO shards over dp x sp (docs/sequence_parallel.md).
+            parallelize_sequence(model, self.mesh, impl=cfg.parallel.sp_impl, grad_sync="partial")
 
         self.train_loader = build_train_loader(cfg.data, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size, seed=cfg.run.seed)
         self.val_loader = (
@@ -140,7 +146,7 @@ class Trainer:
         )
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-            mpu=_SequenceParallelMPU(self.mesh) if cfg.parallel.sp_size > 1 else None,
+            mpu=_deepspeed_mpu(self.mesh),
         )
         self.offload = None
         if cfg.parallel.offload == "interleaved":
@@ -501,29 +507,13 @@ class Trainer:
         return (self.step - self._start_step) * global_batch / max(wall_s, 1e-9)
 
 
-class _SequenceParallelMPU:
-    """What DeepSpeed asks of an `mpu` so that ZeRO reduces and partitions over dp only."""
+def _deepspeed_mpu(mesh: ddist.Mesh):
+    """DeepSpeed's view of the mesh: None without sequence parallelism (plain data parallel)."""
+    if mesh.sp_size == 1:
+        return None
+    from distvit.models.parallelize import deepspeed_mpu
 
-    def __init__(self, mesh: ddist.Mesh):
-        self.mesh = mesh
-
-    def get_data_parallel_group(self):
-        return self.mesh.dp_group
-
-    def get_data_parallel_world_size(self):
-        return self.mesh.dp_size
-
-    def get_data_parallel_rank(self):
-        return self.mesh.dp_rank
-
-    def get_model_parallel_group(self):
-        return self.mesh.sp_group
-
-    def get_model_parallel_world_size(self):
-        return self.mesh.sp_size
-
-    def get_model_parallel_rank(self):
-        return self.mesh.sp_rank
+    return deepspeed_mpu(mesh, "partial")
 
 
 def _fault_armed(point: str, step: int) -> bool:
