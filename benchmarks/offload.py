@@ -156,7 +156,8 @@ def run_mode(args, mode: str, device, partial_gpu_fraction=None) -> dict:
         s = handle.stats()
         result.update(plan=handle.plan.describe(), device_fraction=s["device_fraction"],
                       predicted_update_s=s["predicted_update_s"], measured_update_s=s["measured_update_mean_s"],
-                      slot_bytes=s["slot_bytes"], elements_per_rank=sum(handle.sizes), replans=s["replans"])
+                      slot_bytes=s["slot_bytes"], elements_per_rank=sum(handle.sizes), replans=s["replans"],
+                      refits=s["refits"], step_overhead_s=s["step_overhead_s"])
     if mode == "partial":
         result["ratio"] = 1.0 - partial_gpu_fraction
     engine.destroy()
