@@ -47,6 +47,7 @@ demo: $(VENV)/.installed data/digits/dataset.json
 		launch/train.py --config configs/demo_digits.yaml --set run.name=$(RUN_NAME)
 
 test: $(VENV)/.installed-dev
+	-bash tests/ops/install_ops_deps.sh  # Slurm + Open MPI for tests/test_slurm.py, test_mpi.py (they skip, saying why, if this fails)
 	DS_ACCELERATOR=cpu $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed-dev

@@ -5,7 +5,8 @@
 - consolidate equals the trainer's own export; prune keeps the newest K and never `latest`;
 - a partial newest checkpoint: the tool and `--resume auto` fall back to the newest complete one, saying so;
 - reshape: a 2-rank checkpoint resumed on 1 rank, and a 1-rank one on 2 ranks, carry the exact
-  weights and Adam state over, and the next step equals a plain torch AdamW step from them.
+  weights and Adam state over, and the next step equals a plain torch AdamW step from them;
+  ZeRO-0 and ZeRO-3 checkpoints reshape too.
 """
 from __future__ import annotations
 
@@ -267,6 +268,26 @@ def test_reshape_2_to_1_to_2_carries_weights_and_adam_state(run, digits_dir, tmp
         assert not torch.equal(ref, src_weights[k]), k  # the reference did move
         torch.testing.assert_close(got[k], ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
     assert summary(tmp_path / "two")["status"] == "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+@pytest.mark.parametrize("stage", [0, 3])
+def test_reshape_zero0_and_zero3_2_to_1_keeps_the_weights(digits_dir, tmp_path, stage):
+    """ZeRO-0 checkpoints hold whole tensors (copied); ZeRO-3 ones also shard the weights."""
+    from distvit.checkpoint.consolidate import consolidated_state_dict
+
+    launch(train_args(digits_dir, tmp_path, "src", 2, f"parallel.zero_stage={stage}"))
+    src_tag = tmp_path / "src" / "checkpoints" / "step_00000002"
+    out = to_universal(src_tag, tmp_path / "u" / "checkpoints")
+    assert ckio.read_meta(out)["universal"] is (stage > 0)
+    one = launch(train_args(digits_dir, tmp_path, "one", 2, f"parallel.zero_stage={stage}") + ["--resume", str(out)],
+                 launcher="python")
+    assert "reshaped from 2 to 1 rank(s)" in one.stdout
+    a, b = consolidated_state_dict(src_tag), load_weights(tmp_path / "one" / "model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_resume_on_another_world_size_without_reshape_says_how(run, digits_dir, tmp_path):

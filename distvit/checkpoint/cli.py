@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 for key in ("path", "step", "epoch", "model", "world_size", "dp_size", "sp_size", "zero_stage",
                             "precision", "complete", "data_cursor_rank0", "reshaped_from"):
-                    print(f"{key:>18}: {info[key]}")
+                    if key != "reshaped_from" or info[key]:
+                        print(f"{key:>18}: {info[key]}")
                 print(f"{'size':>18}: {info['total_bytes'] / 2**20:.1f} MiB in {len(info['files'])} files")
             return 0
         if args.cmd == "consolidate":
