@@ -2,6 +2,7 @@
 # Start a one-host Slurm cluster (munged, slurmctld, slurmd) on loopback for the tests.
 #
 #   eval "$(bash tests/ops/start_slurm.sh)"     # prints `export SLURM_CONF=...` on its last line
+#   bash tests/ops/stop_slurm.sh                # stops it again
 #
 # The configuration lives in its own folder (DISTVIT_SLURM_DIR, default /tmp/distvit-slurm) and is
 # passed to every Slurm command through SLURM_CONF, so an existing /etc/slurm is never touched.
