@@ -55,7 +55,7 @@ def runs(digits_dir, tmp_path_factory):
 
 
 @pytest.mark.multirank
-@pytest.mark.slow  # three 2-rank trainer runs, ~25 s each on 2 shared cores
+@pytest.mark.slow  # three 2-rank trainer runs, ~20 s each on 2 shared cores (64 s measured)
 @pytest.mark.parametrize("fraction", ["0.5", "auto"])
 def test_interleaved_trains_bitwise_like_stock_cpu_offload(runs, fraction):
     ref_dir, _ = runs["cpu"]
