@@ -86,7 +86,9 @@ class ParallelConfig(Section):
     activation_checkpointing: bool = False
     offload: Literal["none", "cpu", "interleaved"] = "none"
     offload_gpu_fraction: float | Literal["auto"] = "auto"
-    sub_group_size: int = 1_000_000_000
+    # ZeRO-3 optimizer sub-group, in elements. auto: DeepSpeed's 1e9 for none/cpu; for interleaved
+    # about 1/8 of a rank's optimizer state, so the update can be split between device and CPU.
+    sub_group_size: int | Literal["auto"] = "auto"
     sp_size: int = 1
     sp_impl: Literal["ulysses", "ring"] = "ulysses"
     deepspeed_extra: str | None = None  # a DeepSpeed JSON merged into the generated config
@@ -106,7 +108,7 @@ class ParallelConfig(Section):
         if isinstance(self.offload_gpu_fraction, float) and not 0.0 <= self.offload_gpu_fraction <= 1.0:
             raise ValueError(f"parallel.offload_gpu_fraction must be 'auto' or in [0, 1], got {self.offload_gpu_fraction}")
         for name in ("grad_accum", "sp_size", "sub_group_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         return self
 

@@ -26,25 +26,43 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     return p
 
 
-def offload_fragment(cfg: Config) -> dict[str, Any]:
+DEEPSPEED_SUB_GROUP_SIZE = 1_000_000_000
+
+
+def resolve_sub_group_size(cfg: Config, elements_per_rank: int | None) -> int:
+    """`parallel.sub_group_size`, with "auto" made concrete (see the config's comment)."""
+    size = cfg.parallel.sub_group_size
+    if size != "auto":
+        return size
+    if cfg.parallel.offload == "interleaved" and elements_per_rank:
+        from distvit.engine.offload import suggest_sub_group_size
+
+        budget = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+        return suggest_sub_group_size(elements_per_rank, memory_budget=budget)
+    return DEEPSPEED_SUB_GROUP_SIZE
+
+
+def offload_fragment(cfg: Config, sub_group_size: int) -> dict[str, Any]:
     mode = cfg.parallel.offload
     if mode == "none":
         return {}
     if mode == "interleaved":
         from distvit.engine.offload import offload_ds_config
 
-        return offload_ds_config(mode, cfg.parallel.offload_gpu_fraction, cfg.parallel.sub_group_size)
+        return offload_ds_config(mode, cfg.parallel.offload_gpu_fraction, sub_group_size)
     return {"offload_optimizer": {"device": "cpu", "pin_memory": torch.cuda.is_available()}}
 
 
-def build_ds_config(cfg: Config, device: torch.device) -> dict[str, Any]:
+def build_ds_config(cfg: Config, device: torch.device, *, elements_per_rank: int | None = None) -> dict[str, Any]:
+    """elements_per_rank: trainable parameters / ZeRO partitions, for sub_group_size=auto."""
     precision = resolve_precision(cfg, device)
     zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
+    sub_group_size = resolve_sub_group_size(cfg, elements_per_rank)
     if cfg.parallel.zero_stage == 3:
-        zero.update(sub_group_size=cfg.parallel.sub_group_size, stage3_gather_16bit_weights_on_model_save=False)
+        zero.update(sub_group_size=sub_group_size, stage3_gather_16bit_weights_on_model_save=False)
     if cfg.parallel.zero_stage >= 2:
         zero.update(overlap_comm=device.type == "cuda", contiguous_gradients=True)
-    zero.update(offload_fragment(cfg))
+    zero.update(offload_fragment(cfg, sub_group_size))
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.parallel.grad_accum,

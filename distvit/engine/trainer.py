@@ -135,7 +135,8 @@ class Trainer:
             raise ConfigError("set run.epochs or run.max_steps (both are empty)")
 
         self.precision = resolve_precision(cfg, self.device)
-        ds_config = build_ds_config(cfg, self.device)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        ds_config = build_ds_config(cfg, self.device, elements_per_rank=-(-trainable // self.mesh.world_size))
         if self.resume_from is not None and is_universal(self.resume_from):
             # A reshaped checkpoint (`distvit ckpt reshape`): DeepSpeed re-partitions whole tensors.
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
