@@ -17,3 +17,13 @@ def timm_module():
     if timm is None:
         pytest.skip("timm is not installed (make test installs it with --no-deps)")
     return timm
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """The demo's digits shards, written once per test session (read-only for the tests)."""
+    from distvit.data import write_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    write_digits(out)
+    return out

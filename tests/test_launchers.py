@@ -16,15 +16,6 @@ def _args(digits_dir, run_root, name):
     return ["--config", "demo_digits"] + [a for s in sets for a in ("--set", s)]
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    from distvit.data import write_digits
-
-    out = tmp_path_factory.mktemp("digits")
-    write_digits(out)
-    return out
-
-
 @pytest.mark.multirank
 def test_accelerate_launch_equals_torchrun(digits_dir, tmp_path):
     launch(_args(digits_dir, tmp_path, "acc"), launcher="accelerate")

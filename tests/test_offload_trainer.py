@@ -19,15 +19,6 @@ STEPS = 8
 SUB_GROUP_SIZE = 8500  # demo_digits has ~68k elements per rank: 9 sub-groups (what the plan's advice suggests)
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    from distvit.data.write import write_digits
-
-    out = tmp_path_factory.mktemp("digits")
-    write_digits(out)
-    return out
-
-
 def _run(digits_dir, run_root, name, *extra):
     sets = [
         f"run.output_dir={run_root}", f"run.name={name}", f"run.max_steps={STEPS}", "run.eval_every=1000",

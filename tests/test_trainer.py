@@ -16,15 +16,6 @@ from trainer_helpers import launch, load_weights, losses, read_metrics, referenc
 STEPS = 5
 
 
-@pytest.fixture(scope="session")
-def digits_dir(tmp_path_factory):
-    from distvit.data.write import write_digits
-
-    out = tmp_path_factory.mktemp("digits")
-    write_digits(out)
-    return out
-
-
 def base_args(digits_dir, run_root, name, *extra):
     sets = [
         f"run.output_dir={run_root}", f"run.name={name}", f"run.max_steps={STEPS}", "run.eval_every=1000",
