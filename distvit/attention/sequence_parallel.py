@@ -99,7 +99,6 @@ def zigzag_shard(x: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tens
 
 def zigzag_unshard(shards, dim: int, seq_len: int | None = None) -> torch.Tensor:
     """The full sequence back from every rank's zigzag shard (a list in rank order), padding stripped."""
-    world = len(shards)
     firsts, seconds = zip(*(s.chunk(2, dim=dim) for s in shards))
     full = torch.cat(list(firsts) + list(reversed(seconds)), dim=dim)
     return full if seq_len is None else full.narrow(dim, 0, seq_len)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from distvit.data.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from distvit.data.errors import DataError
 from distvit.data.pipeline import StreamSpec, TrainStream, ValStream
-from distvit.data.shards import Shard, list_shards, steps_per_epoch, val_ranges
+from distvit.data.shards import list_shards, steps_per_epoch, val_ranges
 
 STATE_VERSION = 1
 

@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from distvit.data.errors import BadSample, BadSampleLog, DataError
 from distvit.data.reader import PieceReader
-from distvit.data.shards import Piece, Shard, WorkerPlan, batches_done, pieces_for_range, stable_rng, train_plan
+from distvit.data.shards import Shard, WorkerPlan, batches_done, pieces_for_range, stable_rng, train_plan
 from distvit.data.transforms import EvalTransform, Normalize, TrainTransform, decode_image, decode_label, sample_rng
 
 

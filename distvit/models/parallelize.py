@@ -54,7 +54,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from distvit.attention.sequence_parallel import (
-    group_size, local_positions, padded_length, ring_attention, ulysses_attention,
+    group_size, local_positions, ring_attention, ulysses_attention,
 )
 from distvit.models.layers import Attention, DropPath, PatchEmbed
 from distvit.models.vit import VisionTransformer
