@@ -120,6 +120,14 @@ def test_sbatch_without_config_says_how_to_call_it(tmp_path, env):
     assert "usage: sbatch [slurm options] slurm/train.sbatch CONFIG [--set section.key=value ...]" in file_text(tmp_path / f"{job}.out")
 
 
+def test_running_the_script_outside_slurm_says_to_submit_it():
+    import subprocess
+
+    proc = subprocess.run(["bash", SBATCH, "demo_digits"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert "SLURM_JOB_ID is not set; submit it with sbatch" in proc.stderr
+
+
 def test_sbatch_with_a_bad_config_fails_before_srun(tmp_path, env):
     job = sbatch(["-n", "1", "-o", str(tmp_path / "%j.out"), SBATCH, "demo_digits", "--set", "optim.lrr=1"], cwd=tmp_path, env=env)
     info = wait_job(job, timeout=60, env=env)
