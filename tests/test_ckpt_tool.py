@@ -31,15 +31,6 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    from distvit.data.write import write_digits
-
-    out = tmp_path_factory.mktemp("digits")
-    write_digits(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def run(digits_dir, tmp_path_factory):
     """One 2-rank ZeRO-2 run with checkpoints at steps 2, 4 and 6 (the original: tests copy it to change it)."""
     root = tmp_path_factory.mktemp("runs")

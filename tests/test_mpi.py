@@ -24,15 +24,6 @@ SCRIPT = str(ROOT / "launch" / "train.py")
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    from distvit.data.write import write_digits
-
-    out = tmp_path_factory.mktemp("digits")
-    write_digits(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def torchrun_run(digits_dir, tmp_path_factory):
     """The peer: the same 2-rank run under torchrun."""
     root = tmp_path_factory.mktemp("peer")

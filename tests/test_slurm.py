@@ -25,15 +25,6 @@ SBATCH = str(ROOT / "slurm" / "train.sbatch")
 STEPS = 60  # long enough (~5 s of training) that the signal lands mid-run
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    from distvit.data.write import write_digits
-
-    out = tmp_path_factory.mktemp("digits")
-    write_digits(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def env():
     from ops.harness import require_ops_tools
 
