@@ -57,7 +57,8 @@ def test_zero_stages_equal_single_process_adamw(digits_dir, tmp_path, stage, off
 
 
 def _resume_case(digits_dir, tmp_path, fault: str, steps: int = 12):
-    common = [f"run.max_steps={steps}", "checkpoint.every_steps=4", "checkpoint.keep=5"]
+    # drop path on: the resumed run must also draw the same random masks.
+    common = [f"run.max_steps={steps}", "checkpoint.every_steps=4", "checkpoint.keep=5", "model.drop_path_rate=0.1"]
     ref_args = base_args(digits_dir, tmp_path, "straight", *common)
     launch(ref_args)
     args = base_args(digits_dir, tmp_path, "interrupted", *common)

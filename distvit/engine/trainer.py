@@ -85,6 +85,10 @@ def build_model(cfg: Config) -> torch.nn.Module:
 class Trainer:
     def __init__(self, cfg: Config, *, resume: str | None = None):
         self.cfg = cfg
+        # First thing: a preemption signal during start-up (DeepSpeed may be compiling an op and
+        # holding its lock) must not kill the process; it is honoured after the first step.
+        self._stop_requested = False
+        self._install_signal_handlers()
         self.info, self.device = ddist.init(cfg.run.device)  # before DeepSpeed picks its accelerator
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # Ranks on one host share its cores; more threads than cores makes every matmul crawl.
@@ -173,7 +177,6 @@ class Trainer:
             resume_step=self.step if self.resume_from is not None else None,
         )
         self.peak_tflops = device_peak_tflops(self.device, cfg.log.peak_tflops)
-        self._stop_requested = False
         self._print_plan(ds_config)
 
     # ------------------------------------------------------------------ set-up helpers
@@ -297,7 +300,16 @@ class Trainer:
         return bool(flag.item())
 
     def _install_signal_handlers(self) -> None:
+        owner = os.getpid()
+
         def request_stop(signum, frame):
+            if os.getpid() != owner:
+                # A forked data worker inherited this handler. USR1 (Slurm signals the whole step)
+                # is the trainer's to act on; SIGTERM still ends the worker as it would by default.
+                if signum == signal.SIGTERM:
+                    signal.signal(signum, signal.SIG_DFL)
+                    os.kill(os.getpid(), signum)
+                return
             self._stop_requested = True
             log0(f"signal {signum}: saving a checkpoint after this step, then exiting for requeue")
 
@@ -311,7 +323,10 @@ class Trainer:
         """Yield micro-batches forever, advancing epochs; the loader resumes mid-epoch by itself."""
         while True:
             self.train_loader.set_epoch(self.epoch)
-            for batch in self.train_loader:
+            # Data loading must not draw from the model's RNG (DataLoader seeds its workers from it
+            # when an epoch's iterator is created): the stream drop-path sees then depends only on
+            # the step, so a resumed run draws exactly what the uninterrupted one did.
+            for batch in _rng_isolated(self.train_loader):
                 yield batch
             self.epoch += 1
 
@@ -375,7 +390,7 @@ class Trainer:
         totals = torch.zeros(len(heads), 4, dtype=torch.float64)  # loss sum, top1, top5, count
         dtype = self.input_dtype if module is None else torch.float32
         with distill.separate_heads(net):
-            for images, labels, valid in self.val_loader:
+            for images, labels, valid in _rng_isolated(self.val_loader):
                 images = images.to(self.device, dtype=dtype)
                 labels, valid = labels.to(self.device), valid.to(self.device)
                 outputs = distill.named_logits(model(images))
@@ -400,7 +415,6 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        self._install_signal_handlers()
         start = time.perf_counter()
         batches = self._micro_batches()
         progress = None
@@ -506,6 +520,20 @@ class Trainer:
 
     def _throughput(self, global_batch: int, wall_s: float) -> float:
         return (self.step - self._start_step) * global_batch / max(wall_s, 1e-9)
+
+
+def _rng_isolated(iterable):
+    """Iterate without letting the iterator touch the global torch RNG (see Trainer.train_step)."""
+    iterator = None
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            if iterator is None:
+                iterator = iter(iterable)
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+        yield item
 
 
 def _deepspeed_mpu(mesh: ddist.Mesh):
