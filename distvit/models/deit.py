@@ -14,14 +14,12 @@ Pure PyTorch: the teacher and the distillation losses live in distvit.engine.dis
 """
 from __future__ import annotations
 
-import difflib
-import inspect
 import re
 
 import torch
 import torch.nn as nn
 
-from distvit.models.registry import register_model
+from distvit.models.registry import build_variant, register_model
 from distvit.models.vit import DIGITS_CFG, VisionTransformer
 from distvit.models.vit import checkpoint_filter_fn as vit_checkpoint_filter_fn
 from distvit.models.weights import resample_abs_pos_embed
@@ -148,14 +146,7 @@ class PatchPosEmbedViT(VisionTransformer):
 
 
 def _create(cls, name: str, variant: dict, overrides: dict, cfg: dict) -> VisionTransformer:
-    valid = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self", "default_cfg"}
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(valid), n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise TypeError(f"{name}: unknown option {unknown[0]!r}; {hint}valid options: {', '.join(sorted(valid))}")
-    args = {"img_size": cfg["input_size"][-1], "num_classes": cfg["num_classes"], **variant, **overrides}
-    return cls(**args, default_cfg=cfg)
+    return build_variant(cls, name, variant, overrides, cfg, options_of=VisionTransformer)
 
 
 def _deit(name, overrides, cls=VisionTransformer, img_size=224, **variant):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from typing import Callable
 
 import torch.nn as nn
@@ -57,3 +58,22 @@ def create(name: str, *, checkpoint: str | None = None, strict: bool = True, **o
 
         load_checkpoint(model, checkpoint, strict=strict)
     return model
+
+
+def build_variant(cls: type[nn.Module], name: str, variant: dict, overrides: dict, cfg: dict,
+                  options_of: type[nn.Module] | None = None) -> nn.Module:
+    """Build a registered variant: its architecture (`variant`) + the user's `overrides`.
+
+    An override the constructor does not take is a TypeError naming it, close names and every
+    valid option. `options_of` names the class whose constructor defines the options when `cls`
+    only adds to it (e.g. a distilled ViT). `cfg` is the pretrained/default cfg (input size,
+    classes, mean/std) the model keeps as `default_cfg`.
+    """
+    valid = set(inspect.signature((options_of or cls).__init__).parameters) - {"self", "default_cfg"}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(valid), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise TypeError(f"{name}: unknown option {unknown[0]!r}; {hint}valid options: {', '.join(sorted(valid))}")
+    args = {"img_size": cfg["input_size"][-1], "num_classes": cfg["num_classes"], **variant, **overrides}
+    return cls(**args, default_cfg=cfg)

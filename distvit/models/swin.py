@@ -21,8 +21,6 @@ Pure PyTorch: no torch.distributed or DeepSpeed here.
 """
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
 import re
 
@@ -33,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from distvit.attention import attention
 from distvit.models.layers import DropPath, Mlp, PatchEmbed, to_2tuple
-from distvit.models.registry import register_model
+from distvit.models.registry import build_variant, register_model
 from distvit.models.vit import DIGITS_CFG
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # Swin's weights normalise with the ImageNet statistics
@@ -456,17 +454,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SwinTransfo
     return out
 
 
-_ARGS = set(inspect.signature(SwinTransformer.__init__).parameters) - {"self", "default_cfg"}
-
-
 def _create(name: str, variant: dict, overrides: dict, cfg: dict) -> SwinTransformer:
-    unknown = sorted(set(overrides) - _ARGS)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(_ARGS), n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise TypeError(f"{name}: unknown option {unknown[0]!r}; {hint}valid options: {', '.join(sorted(_ARGS))}")
-    args = {"img_size": cfg["input_size"][-1], "num_classes": cfg["num_classes"], **variant, **overrides}
-    return SwinTransformer(**args, default_cfg=cfg)
+    return build_variant(SwinTransformer, name, variant, overrides, cfg)
 
 
 def _swin(name, overrides, img_size=224, **variant):

@@ -12,15 +12,13 @@ outside (Attention.attend is their seam).
 """
 from __future__ import annotations
 
-import difflib
-import inspect
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from distvit.models.layers import Block, LayerNorm, PatchEmbed
-from distvit.models.registry import register_model
+from distvit.models.registry import build_variant, register_model
 from distvit.models.weights import resample_abs_pos_embed
 
 GLOBAL_POOLS = ("token", "avg")
@@ -207,17 +205,8 @@ class VisionTransformer(nn.Module):
         return flops
 
 
-_ARGS = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self", "default_cfg"}
-
-
 def _create(name: str, variant: dict, overrides: dict, cfg: dict) -> VisionTransformer:
-    unknown = sorted(set(overrides) - _ARGS)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(_ARGS), n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise TypeError(f"{name}: unknown option {unknown[0]!r}; {hint}valid options: {', '.join(sorted(_ARGS))}")
-    args = {"img_size": cfg["input_size"][-1], "num_classes": cfg["num_classes"], **variant, **overrides}
-    return VisionTransformer(**args, default_cfg=cfg)
+    return build_variant(VisionTransformer, name, variant, overrides, cfg)
 
 
 def _vit(name, overrides, img_size=224, cfg=None, **variant):
