@@ -51,7 +51,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from distvit.attention.sequence_parallel import (
     group_size, local_positions, ring_attention, ulysses_attention,
@@ -393,13 +392,7 @@ class SequenceParallelViT:
         return tokens[:, lo - row_lo * cols:hi - row_lo * cols]
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        x = self._local_tokens(images)
-        for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return self.norm(x)
+        return self.forward_blocks(self._local_tokens(images))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         plan = self.sequence_parallel

@@ -166,7 +166,10 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, prefix + patches, D)."""
-        x = self._pos_embed(self.patch_embed(x))
+        return self.forward_blocks(self._pos_embed(self.patch_embed(x)))
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedded tokens -> the blocks (checkpointed when enabled) -> the final norm."""
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)
