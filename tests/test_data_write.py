@@ -212,10 +212,30 @@ def test_pipe_urls_with_manifest(tmp_path):
     write_digits(tmp_path, samples_per_shard=1000)
     pattern = f"pipe:cat {tmp_path}/train-{{000000..000001}}.tar"
     cfg = DataConfig(train=pattern, val=f"pipe:cat {tmp_path}/val-000000.tar", manifest=str(tmp_path / "dataset.json"),
-                     num_workers=0, batch_size=100)
+                     num_workers=0, batch_size=100, allow_pipe=True)
     train = build_train_loader(cfg, dp_rank=1, dp_size=2, seed=0)
     assert train.num_samples == 1437 and len(list(train)) == train.steps_per_epoch == 7
     val = build_val_loader(cfg, dp_rank=0, dp_size=1)
     assert sum(int(v.sum()) for _, _, v in val) == 360
     with pytest.raises(DataError, match=r"no sample count for shard 'pipe:cat .*train-000000.tar'.*set data.manifest"):
         build_train_loader(cfg.model_copy(update={"manifest": None}), dp_rank=0, dp_size=1, seed=0)
+
+
+def test_pipe_urls_need_an_explicit_opt_in(tmp_path, capsys):
+    """pipe:CMD runs CMD in a shell: without data.allow_pipe (or --allow-pipe) nothing runs and one line says so."""
+    write_digits(tmp_path, samples_per_shard=1000)
+    marker = tmp_path / "ran"
+    pattern = f"pipe:touch {marker} && cat {tmp_path}/train-000000.tar"
+    cfg = DataConfig(train=pattern, val=None, manifest=str(tmp_path / "dataset.json"), num_workers=0, batch_size=100)
+    with pytest.raises(DataError, match=r"data.train 'pipe:touch .*' holds a pipe: URL .*runs a shell command; "
+                                        r"allow it with data.allow_pipe=true"):
+        build_train_loader(cfg, dp_rank=0, dp_size=1, seed=0)
+    with pytest.raises(DataError, match=r"data.val 'pipe:.*allow it with data.allow_pipe=true"):
+        build_val_loader(cfg.model_copy(update={"val": pattern}), dp_rank=0, dp_size=1)
+    assert data_main(["verify", pattern, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "runs a shell command; allow it with --allow-pipe" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists()
+    assert data_main(["verify", pattern, "--no-progress", "--allow-pipe", "--in-chans", "1",
+                      "--manifest", str(tmp_path / "dataset.json"), "--json"]) == 0
+    assert marker.exists() and json.loads(capsys.readouterr().out)["good"] == 1000

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write (or update) DIR/dataset.json from what was read, e.g. for shards from other tools")
     v.add_argument("--split", default="train", help="split name for --write-manifest (default train)")
     v.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    v.add_argument("--allow-pipe", action="store_true",
+                   help="allow pipe:CMD shard URLs (they run CMD in a shell; only for commands you trust)")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -72,9 +74,10 @@ def _write(args) -> int:
     if args.shard_size:
         kw["shard_bytes"] = write.parse_size(args.shard_size)
         kw["samples_per_shard"] = 1 << 40
-    elif args.samples_per_shard:
+    elif args.samples_per_shard is not None:  # 0 is refused, not taken as "the default"
         if args.samples_per_shard < 1:
-            raise DataError(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
+            raise DataError(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}; "
+                            f"give a sample count per shard, or --shard-size (e.g. 500MB)")
         kw["samples_per_shard"] = args.samples_per_shard
     if args.source == "digits":
         path = write.write_digits(args.out, **kw)
@@ -97,12 +100,13 @@ def _verify(args) -> int:
     if args.world < 1 or args.workers < 0 or args.batch_size < 1:
         raise DataError("--world and --batch-size must be >= 1, --workers >= 0")
     report = verify(args.pattern, world=args.world, workers=args.workers, batch_size=args.batch_size,
-                    manifest_path=args.manifest, in_chans=args.in_chans, progress=not args.no_progress)
+                    manifest_path=args.manifest, in_chans=args.in_chans, progress=not args.no_progress,
+                    allow_pipe=args.allow_pipe)
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
         _print_report(report)
-    if args.write_manifest:
+    if args.write_manifest:  # refuses (DataError, exit 2) when no sample gave a class
         print(f"manifest written: {write_manifest_for(report, args.write_manifest, args.split)}")
     return 1 if args.strict and report.problems else 0
 

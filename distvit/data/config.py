@@ -24,6 +24,8 @@ class DataConfig(BaseModel):
     val: str | None = "data/digits/val-*.tar"
     # dataset.json (sample counts, classes, mean/std); None: looked up next to the shards.
     manifest: str | None = None
+    # `pipe:CMD` shard URLs run CMD in a shell: refused unless this is true (a config you trust).
+    allow_pipe: bool = False
 
     batch_size: int = 64  # per data-parallel rank (the micro batch)
     num_workers: int = 2  # DataLoader worker processes per rank; 0 reads in the training process

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from distvit.data.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
-from distvit.data.errors import DataError
+from distvit.data.errors import DataError, log
 from distvit.data.pipeline import StreamSpec, TrainStream, ValStream
 from distvit.data.shards import list_shards, steps_per_epoch, val_ranges
 
@@ -40,12 +40,31 @@ def resolve_stats(cfg: DataConfig, manifest: dict | None) -> tuple[tuple[float, 
     return fit(mean), fit(std)
 
 
-def _num_classes(manifest: dict | None) -> int | None:
-    return (manifest or {}).get("num_classes")
+def label_bound(manifest: dict | None, num_classes: int | None) -> tuple[int | None, str]:
+    """Labels must lie in [0, bound): the manifest's class count and the model's (passed in), the smaller."""
+    known = [(n, what) for n, what in (((manifest or {}).get("num_classes"), "the manifest's classes"),
+                                       (num_classes, f"the model's {num_classes} classes (model.num_classes)"))
+             if n]
+    if not known:
+        return None, "the classes"
+    return min(known, key=lambda x: x[0])
 
 
-def _spec(cfg: DataConfig, shards, manifest, *, seed, epoch, dp_rank, dp_size, steps, start_step=0, cursors=()):
+def stats_line(cfg: DataConfig, manifest: dict | None, mean, std) -> str | None:
+    """One line saying which normalisation training uses when there is no manifest to take it from."""
+    if manifest is not None and manifest.get("mean") and manifest.get("std"):
+        return None
+    fmt = lambda v: "[" + ", ".join(f"{x:.3f}" for x in v) + "]"  # noqa: E731
+    origin = "data.mean/data.std" if cfg.mean and cfg.std else (
+        "ImageNet's defaults, since there is no dataset.json with statistics and data.mean/data.std are null")
+    return (f"data: normalising '{cfg.train}' with mean {fmt(mean)} std {fmt(std)} from {origin}; set data.mean/"
+            f"data.std, or record the shards' own with `distvit data verify PATTERN --write-manifest DIR`")
+
+
+def _spec(cfg: DataConfig, shards, manifest, *, seed, epoch, dp_rank, dp_size, steps, start_step=0, cursors=(),
+          num_classes=None):
     mean, std = resolve_stats(cfg, manifest)
+    bound, classes_from = label_bound(manifest, num_classes)
     return StreamSpec(
         shards=tuple(shards), seed=seed, epoch=epoch, dp_rank=dp_rank, dp_size=dp_size,
         num_workers=max(1, cfg.num_workers), batch_size=cfg.batch_size, steps=steps,
@@ -53,7 +72,7 @@ def _spec(cfg: DataConfig, shards, manifest, *, seed, epoch, dp_rank, dp_size, s
         img_size=cfg.img_size, in_chans=cfg.in_chans, mean=mean, std=std,
         crop_scale=tuple(cfg.train_crop_scale), crop_ratio=tuple(cfg.train_crop_ratio), hflip=cfg.hflip,
         eval_crop_pct=cfg.eval_crop_pct, interpolation=cfg.interpolation, on_error=cfg.on_error,
-        max_logged_errors=cfg.max_logged_errors, num_classes=_num_classes(manifest),
+        max_logged_errors=cfg.max_logged_errors, num_classes=bound, classes_from=classes_from,
         start_step=start_step, cursors=tuple(cursors),
     )
 
@@ -76,10 +95,15 @@ def _check_rank(dp_rank: int, dp_size: int) -> None:
 class TrainLoader:
     """Shuffled, augmented training batches; the same number of steps on every rank; exact resume."""
 
-    def __init__(self, cfg: DataConfig, *, dp_rank: int, dp_size: int, seed: int):
+    def __init__(self, cfg: DataConfig, *, dp_rank: int, dp_size: int, seed: int, num_classes: int | None = None):
         _check_rank(dp_rank, dp_size)
         self.cfg, self.dp_rank, self.dp_size, self.seed = cfg, dp_rank, dp_size, seed
-        self.shards, self.manifest = list_shards(cfg.train, cfg.manifest, cfg.on_error)
+        self.num_classes = num_classes  # the model's: labels outside it are bad samples, not an IndexError
+        self.shards, self.manifest = list_shards(cfg.train, cfg.manifest, cfg.on_error, allow_pipe=cfg.allow_pipe,
+                                                 what="data.train")
+        line = stats_line(cfg, self.manifest, *resolve_stats(cfg, self.manifest))
+        if line and dp_rank == 0:
+            log.warning(line)
         self.num_samples = sum(s.samples for s in self.shards)
         self.steps_per_epoch = steps_per_epoch(self.num_samples, dp_size, cfg.batch_size, cfg.drop_last,
                                                f"training data '{cfg.train}'")
@@ -118,7 +142,7 @@ class TrainLoader:
             self._finish_epoch()
         spec = _spec(self.cfg, self.shards, self.manifest, seed=self.seed, epoch=self.epoch,
                      dp_rank=self.dp_rank, dp_size=self.dp_size, steps=self.steps_per_epoch,
-                     start_step=self._step, cursors=self._cursors)
+                     start_step=self._step, cursors=self._cursors, num_classes=self.num_classes)
         loader = _data_loader(self.cfg, TrainStream(spec))
         W = self.num_workers
         it = iter(loader)
@@ -179,12 +203,13 @@ class TrainLoader:
 class ValLoader:
     """Every val sample exactly once over all ranks (valid=True), the same number of batches on every rank."""
 
-    def __init__(self, cfg: DataConfig, *, dp_rank: int, dp_size: int):
+    def __init__(self, cfg: DataConfig, *, dp_rank: int, dp_size: int, num_classes: int | None = None):
         _check_rank(dp_rank, dp_size)
         if cfg.val is None:
             raise DataError("data.val is not set; give the validation shard pattern, e.g. data.val=data/digits/val-*.tar")
-        self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
-        self.shards, self.manifest = list_shards(cfg.val, cfg.manifest, cfg.on_error)
+        self.cfg, self.dp_rank, self.dp_size, self.num_classes = cfg, dp_rank, dp_size, num_classes
+        self.shards, self.manifest = list_shards(cfg.val, cfg.manifest, cfg.on_error, allow_pipe=cfg.allow_pipe,
+                                                 what="data.val")
         self.num_samples = sum(s.samples for s in self.shards)
         self.num_workers = max(1, cfg.num_workers)
         self.num_batches, self._slices = val_ranges(self.num_samples, dp_size, dp_rank, cfg.batch_size, self.num_workers)
@@ -195,7 +220,7 @@ class ValLoader:
 
     def __iter__(self):
         spec = _spec(self.cfg, self.shards, self.manifest, seed=0, epoch=0, dp_rank=self.dp_rank,
-                     dp_size=self.dp_size, steps=self.num_batches)
+                     dp_size=self.dp_size, steps=self.num_batches, num_classes=self.num_classes)
         bad = [0] * self.num_workers
         it = iter(_data_loader(self.cfg, ValStream(spec, self._slices)))
         try:
@@ -212,9 +237,11 @@ class ValLoader:
             del it
 
 
-def build_train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, seed: int) -> TrainLoader:
-    return TrainLoader(cfg, dp_rank=dp_rank, dp_size=dp_size, seed=seed)
+def build_train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, seed: int,
+                       num_classes: int | None = None) -> TrainLoader:
+    """`num_classes`: the model's class count; a label outside it is a bad sample (data.on_error)."""
+    return TrainLoader(cfg, dp_rank=dp_rank, dp_size=dp_size, seed=seed, num_classes=num_classes)
 
 
-def build_val_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int) -> ValLoader:
-    return ValLoader(cfg, dp_rank=dp_rank, dp_size=dp_size)
+def build_val_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, num_classes: int | None = None) -> ValLoader:
+    return ValLoader(cfg, dp_rank=dp_rank, dp_size=dp_size, num_classes=num_classes)

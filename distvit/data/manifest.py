@@ -12,6 +12,7 @@ headers instead, or `distvit data verify PATTERN --write-manifest`).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import posixpath
@@ -90,6 +91,25 @@ def shard_counts(manifest: dict | None) -> dict[str, int]:
         for shard in split.get("shards", []):
             counts[shard["name"]] = int(shard["samples"])
     return counts
+
+
+def missing_from_manifest(pattern: str, urls: list[str], manifest: dict | None) -> list[str]:
+    """Shards the manifest lists for this pattern's folder and name pattern that are not on disk (deleted)."""
+    if not manifest or not urls or not is_local(urls[0]):
+        return []
+    folder = os.path.dirname(local_path(urls[0]))
+    names = {os.path.basename(local_path(u)) for u in urls}
+    globs = [os.path.basename(local_path(part)) for part in pattern.split("::")]
+    out = []
+    for split in manifest.get("splits", {}).values():
+        for s in split.get("shards", []):
+            name = s["name"]
+            if name in names or not any(fnmatch.fnmatch(name, g) for g in globs):
+                continue
+            if not os.path.exists(os.path.join(folder, name)):
+                out.append(f"{os.path.join(folder, name)}: missing (the manifest lists it with {s['samples']} samples); "
+                           f"restore the file, or rewrite the shards with `distvit data write`")
+    return out
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> Path:

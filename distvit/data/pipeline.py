@@ -54,6 +54,16 @@ class StreamSpec:
     num_classes: int | None
     start_step: int = 0  # batches of this epoch the rank has already consumed
     cursors: tuple = field(default=())  # per logical worker: dict or None
+    classes_from: str = "the manifest's classes"  # where num_classes came from, for the bad-label message
+
+
+def read_label(item: dict, s: StreamSpec) -> int:
+    """The sample's class index; one outside [0, num_classes) is a bad sample (the model's head would
+    raise IndexError on it), whether the bound came from the manifest or from the model."""
+    label = decode_label(item, None)
+    if s.num_classes is not None and label >= s.num_classes:
+        raise BadSample(f"label {label} is out of range [0, {s.num_classes}) of {s.classes_from}")
+    return label
 
 
 def logical_worker(spec_start_step: int, num_workers: int) -> int:
@@ -127,7 +137,8 @@ class WorkerStream:
         reader = self._reader(overflow, (c["piece"], c["item"]))
         taken_since_good = 0
         while True:
-            self.bad.muted = resume  # a replayed block's read errors were counted before the checkpoint
+            # A replayed block's read errors were counted before the checkpoint; overflow: see below.
+            self.bad.muted = resume or overflow
             block, start = self._fill(reader)
             self.bad.muted = False
             if not block:
@@ -142,12 +153,15 @@ class WorkerStream:
                      if s.shuffle else np.arange(len(block)))
             skip = c["taken"] if resume else 0
             resume = False
+            # A bad sample met again in the overflow was counted (and logged) by the worker whose share
+            # holds it: count each bad sample once per epoch (on_error=raise still raises).
+            self.bad.muted = overflow
             for idx in order[skip:]:
                 item = block[idx]
                 c["taken"] += 1
                 try:
                     img = decode_image(item, s.in_chans)
-                    label = decode_label(item, s.num_classes)
+                    label = read_label(item, s)
                     rng = sample_rng(s.seed, s.epoch, item.get("__url__", ""), item["__key__"])
                     images.append(self.transform(img, rng))
                     labels.append(label)
@@ -206,7 +220,7 @@ class ValStream(IterableDataset):
                 left -= 1
                 try:
                     img = decode_image(item, s.in_chans)
-                    label = decode_label(item, s.num_classes)
+                    label = read_label(item, s)
                     images.append(transform(img)), labels.append(label), valid.append(True)
                 except BadSample as exc:
                     bad.report(item.get("__url__", "?"), item.get("__key__"), exc.reason)

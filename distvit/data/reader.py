@@ -7,6 +7,7 @@ cannot be opened or ends early into counted bad samples instead of a silently sh
 """
 from __future__ import annotations
 
+import os
 from itertools import islice
 from typing import Iterator
 
@@ -14,6 +15,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from distvit.data.errors import BadSampleLog, DataError
+from distvit.data.manifest import is_local, local_path
 from distvit.data.shards import Piece
 
 
@@ -37,6 +39,13 @@ def shard_samples(url: str, errors: list[Exception]) -> Iterator[dict]:
             stream.close()
         except Exception as exc:  # a pipe: command that failed reports its status on close
             errors.append(exc)
+
+
+def _is_missing(url: str, errors: list[Exception]) -> bool:
+    """The shard's file is gone (deleted after the epoch was planned), as opposed to a damaged tar."""
+    if errors and isinstance(errors[0], FileNotFoundError):
+        return True
+    return is_local(url) and not os.path.exists(local_path(url))
 
 
 def _reason(exc: Exception) -> str:
@@ -98,6 +107,11 @@ class PieceReader:
             self._current = None  # closes the stream (a failed pipe: reports on close)
             why = _reason(self._errors[0]) if self._errors else "the tar has fewer samples than its count says"
             self._advance()
+            if _is_missing(piece.url, self._errors):
+                self.bad.report(piece.url, None, f"shard is missing (file not found), {max(piece.take, 0)} samples "
+                                f"expected from it; restore it, or rewrite the shards and their dataset.json",
+                                n=max(piece.take, 0))
+                continue
             if piece.take < 0:  # whole shard wanted: only a read error is a problem
                 if self._errors:
                     self.bad.report(piece.url, None, f"tar unreadable after {got} samples ({why})", n=0)

@@ -27,7 +27,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from distvit.data.errors import DataError, log
-from distvit.data.manifest import is_local, local_path, read_manifest, shard_counts
+from distvit.data.manifest import is_local, local_path, missing_from_manifest, read_manifest, shard_counts
 
 GLOB_CHARS = set("*?[")
 
@@ -45,7 +45,16 @@ class Piece(NamedTuple):
     take: int
 
 
-def expand_pattern(pattern: str) -> list[str]:
+def check_pipe(urls: list[str], pattern: str, allow_pipe: bool, what: str, flag: str) -> None:
+    """`pipe:` URLs run a shell command (webdataset's gopen): only with an explicit opt-in."""
+    pipes = [u for u in urls if u.startswith("pipe:")]
+    if pipes and not allow_pipe:
+        raise DataError(f"{what} '{pattern}' holds a pipe: URL ('{pipes[0]}'), which runs a shell command; "
+                        f"allow it with {flag} if you trust the command, or give the shard paths")
+
+
+def expand_pattern(pattern: str, *, allow_pipe: bool = False, what: str = "shard pattern",
+                   flag: str = "data.allow_pipe=true") -> list[str]:
     """Shard URLs of a pattern: `::`-joined parts, braces (webdataset's expand_urls), local globs."""
     from webdataset.shardlists import expand_urls
 
@@ -53,6 +62,7 @@ def expand_pattern(pattern: str) -> list[str]:
         urls = expand_urls(pattern)
     except AssertionError as exc:  # webdataset asserts on a ${VAR} without WDS_VAR in the environment
         raise DataError(f"shard pattern '{pattern}': {exc}; set the variable or write the path out") from None
+    check_pipe(urls, pattern, allow_pipe, what, flag)
     out: list[str] = []
     for url in urls:
         if is_local(url) and GLOB_CHARS & set(url):
@@ -87,11 +97,16 @@ def count_tar_samples(url: str) -> int:
     return count
 
 
-def list_shards(pattern: str, manifest_path: str | None = None, on_error: str = "skip") -> tuple[list[Shard], dict | None]:
+def list_shards(pattern: str, manifest_path: str | None = None, on_error: str = "skip", *, allow_pipe: bool = False,
+                what: str = "shard pattern") -> tuple[list[Shard], dict | None]:
     """Shards of a pattern with their sample counts, and the manifest (if any) they came from."""
-    urls = expand_pattern(pattern)
+    urls = expand_pattern(pattern, allow_pipe=allow_pipe, what=what)
     manifest = read_manifest(manifest_path or pattern)
     known = shard_counts(manifest)
+    for line in missing_from_manifest(pattern, urls, manifest):  # a glob no longer matches a deleted shard
+        if on_error == "raise":
+            raise DataError(f"shard {line}")
+        log.warning("shard %s; left out of the epoch", line)
     shards = []
     for url in urls:
         name = os.path.basename(urlparse_path(url))

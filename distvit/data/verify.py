@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from distvit.data.errors import BadSample, BadSampleLog, DataError
-from distvit.data.manifest import is_local, local_path, read_manifest, shard_counts, write_manifest
+from distvit.data.manifest import (is_local, local_path, missing_from_manifest, read_manifest, shard_counts,
+                                   write_manifest)
 from distvit.data.reader import PieceReader
 from distvit.data.shards import Piece, Shard, expand_pattern, steps_per_epoch, train_plan, worker_batches
 from distvit.data.transforms import decode_image, decode_label
@@ -50,6 +51,7 @@ class VerifyReport:
     mean: list[float] | None = None
     std: list[float] | None = None
     split: dict | None = None
+    layout: list[str] = field(default_factory=list)  # shard-level problems (non-adjacent files, missing shards)
 
     @property
     def total(self) -> int:
@@ -57,7 +59,10 @@ class VerifyReport:
 
     @property
     def problems(self) -> list[str]:
-        out = [f"{b[0]}{'' if b[1] is None else ' key ' + repr(b[1])}: {b[2]}" for b in self.bad]
+        out = list(self.layout)
+        if self.split and "error" in self.split:
+            out.append(f"split: {self.split['error']}")
+        out += [f"{b[0]}{'' if b[1] is None else ' key ' + repr(b[1])}: {b[2]}" for b in self.bad]
         for s in self.shards:
             if s.expected is not None and s.expected != s.samples:
                 out.append(f"{s.url}: {s.samples} samples, manifest says {s.expected}")
@@ -96,8 +101,8 @@ def _sha256(url: str) -> str | None:
 
 
 def verify(pattern: str, *, world: int = 1, workers: int = 1, batch_size: int = 64, manifest_path: str | None = None,
-           in_chans: int = 3, progress: bool = True) -> VerifyReport:
-    urls = expand_pattern(pattern)
+           in_chans: int = 3, progress: bool = True, allow_pipe: bool = False) -> VerifyReport:
+    urls = expand_pattern(pattern, allow_pipe=allow_pipe, what="the pattern", flag="--allow-pipe")
     manifest = read_manifest(manifest_path or pattern)
     counts = shard_counts(manifest)
     sums = {s["name"]: s.get("sha256") for sp in (manifest or {}).get("splits", {}).values() for s in sp.get("shards", [])}
@@ -117,9 +122,11 @@ def verify(pattern: str, *, world: int = 1, workers: int = 1, batch_size: int = 
         name = os.path.basename(url)
         shard = ShardReport(url, expected=counts.get(name), sha256=_sha256(url), sha256_expected=sums.get(name))
         reader = PieceReader(iter([Piece(url, 0, -1)]), bad)  # take=-1: the whole tar
+        tracker = KeyTracker()
         while (item := reader.next_item()) is not None:
             shard.samples += 1
             key = item.get("__key__")
+            tracker.see(key)
             try:
                 img = decode_image(item, in_chans)
                 label = decode_label(item, num_classes)
@@ -136,12 +143,15 @@ def verify(pattern: str, *, world: int = 1, workers: int = 1, batch_size: int = 
                         stats_arrays.append(arr)
                     else:
                         stats_arrays[int(rng.integers(STATS_SAMPLES))] = arr
-            if bar:
+            if bar is not None:
                 bar.update(1)
         report.shards.append(shard)
+        if tracker.split_keys:
+            report.layout.append(not_adjacent_message(url, tracker))
     report.seconds = time.perf_counter() - start
-    if bar:
+    if bar is not None:
         bar.close()
+    report.layout += missing_from_manifest(pattern, urls, manifest)
     channels = 1 if report.grayscale else in_chans
     if stats_arrays:
         arrays = [a if channels == in_chans else (a if a.ndim == 2 else a[..., 0]) for a in stats_arrays]
@@ -150,15 +160,46 @@ def verify(pattern: str, *, world: int = 1, workers: int = 1, batch_size: int = 
     return report
 
 
+class KeyTracker:
+    """Notices a key that comes back after other keys: the files of one sample are not adjacent in the tar.
+
+    webdataset groups *consecutive* files with the same key into a sample, so `tar cf x.tar *.png *.cls`
+    (all images, then all labels) reads as one sample without a label per image and one without an
+    image per label."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+        self.last: str | None = None
+        self.split_keys = 0
+        self.example: str | None = None
+
+    def see(self, key: str | None) -> None:
+        if key is None or key == self.last:
+            return
+        if key in self.seen:
+            self.split_keys += 1
+            self.example = self.example or key
+        self.seen.add(key)
+        self.last = key
+
+
+def not_adjacent_message(url: str, tracker: KeyTracker) -> str:
+    return (f"{url}: the files of {tracker.split_keys} sample(s) are not adjacent in the tar (e.g. key "
+            f"'{tracker.example}' comes back after other keys), so each reads as two bad samples; webdataset needs "
+            f"a sample's files next to each other: re-create it with `ls *.png *.cls | LC_ALL=C sort | tar -cf x.tar -T -` "
+            f"or `tar --sort=name -cf x.tar -C DIR .`, or write the shards with `distvit data write`")
+
+
 def split_summary(shards: list[Shard], world: int, workers: int, batch_size: int) -> dict | None:
     """Steps per epoch and samples per (rank, worker) in epoch 0, as the train loader plans them."""
     total = sum(s.samples for s in shards)
     if total == 0:
         return None
-    try:
-        steps = steps_per_epoch(total, world, batch_size, True, "the shards")
-    except DataError as exc:
-        return {"error": str(exc)}
+    if total < world * batch_size:
+        return {"error": f"{total} samples cannot fill one global batch of {world} rank(s) x batch {batch_size} = "
+                         f"{world * batch_size}, so training would stop at start; lower data.batch_size "
+                         f"(--batch-size here), use fewer ranks, or set data.drop_last=false"}
+    steps = steps_per_epoch(total, world, batch_size, True, "the shards")
     per_rank = []
     for rank in range(world):
         plans = train_plan(shards, seed=0, epoch=0, shuffle=True, split="samples", dp_rank=rank, dp_size=world,
@@ -171,6 +212,9 @@ def split_summary(shards: list[Shard], world: int, workers: int, batch_size: int
 
 def manifest_from_report(report: VerifyReport, split: str, existing: dict | None) -> dict:
     """A dataset.json body for verified shards (merged into an existing manifest's other splits)."""
+    if not report.classes:
+        raise DataError(f"no manifest written: none of the {report.total} samples of '{report.pattern}' has a usable "
+                        f"image and label, so there are no classes to record; fix the shards (see the problems above)")
     labels = sorted(report.classes)
     num_classes = max(labels) + 1 if labels else 0
     base = dict(existing or {})

@@ -120,9 +120,12 @@ class Trainer:
             # averages over dp in its one reduction, and ZeRO shards over dp x sp (docs/sequence_parallel.md).
             parallelize_sequence(model, self.mesh, impl=cfg.parallel.sp_impl, grad_sync="partial")
 
-        self.train_loader = build_train_loader(cfg.data, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size, seed=cfg.run.seed)
+        classes = getattr(model, "num_classes", None)  # labels outside the head are bad samples, not IndexError
+        self.train_loader = build_train_loader(cfg.data, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size,
+                                               seed=cfg.run.seed, num_classes=classes)
         self.val_loader = (
-            build_val_loader(cfg.data, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size) if cfg.data.val else None
+            build_val_loader(cfg.data, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size, num_classes=classes)
+            if cfg.data.val else None
         )
         accum = cfg.parallel.grad_accum
         self.steps_per_epoch = self.train_loader.steps_per_epoch // accum
