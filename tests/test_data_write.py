@@ -239,3 +239,86 @@ def test_pipe_urls_need_an_explicit_opt_in(tmp_path, capsys):
     assert data_main(["verify", pattern, "--no-progress", "--allow-pipe", "--in-chans", "1",
                       "--manifest", str(tmp_path / "dataset.json"), "--json"]) == 0
     assert marker.exists() and json.loads(capsys.readouterr().out)["good"] == 1000
+
+
+def test_parallel_writer_same_bytes_as_sequential_and_shardwriter(tmp_path):
+    """Shards planned up front and written by 3 processes are byte-identical to 1 process, and to
+    webdataset's ShardWriter fed the same samples (its byte limit included: --shard-size)."""
+    make_folder(tmp_path / "src" / "train")
+    make_folder(tmp_path / "src" / "val")
+    sums = {}
+    for workers in (1, 3):
+        write_imagefolder(tmp_path / "src", tmp_path / f"w{workers}", workers=workers, samples_per_shard=5,
+                          shard_bytes=600)
+        sums[workers] = json.loads((tmp_path / f"w{workers}" / "dataset.json").read_text())
+    assert sums[1]["splits"] == sums[3]["splits"] and sums[1]["mean"] == sums[3]["mean"]
+    counts = [s["samples"] for s in sums[1]["splits"]["train"]["shards"]]
+    assert len(counts) > 12 // 5 + 1  # the byte limit cut some shards before 5 samples
+
+    from distvit.data.write import Record, write_split
+
+    files = sorted((tmp_path / "src" / "train").rglob("*.*"))
+    label = {c: i for i, c in enumerate(["cat", "dog", "eel"])}
+    recs = [Record(f"train_{i:08d}", p.read_bytes(), "jpg" if p.suffix == ".jpg" else "png", label[p.parent.name],
+                   {"path": str(p.relative_to(tmp_path / "src"))}) for i, p in enumerate(files)]
+    (tmp_path / "ref").mkdir()
+    ref = write_split(recs, tmp_path / "ref", "train", samples_per_shard=5, shard_bytes=600)
+    assert ref["shards"] == sums[1]["splits"]["train"]["shards"]
+
+
+def test_writer_says_when_it_makes_the_val_split(tmp_path, caplog, capsys):
+    import logging
+
+    make_folder(tmp_path / "flat")
+    with caplog.at_level(logging.WARNING, logger="distvit.data"):
+        write_imagefolder(tmp_path / "flat", tmp_path / "a", val_fraction=0.25)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "no val split in" in lines[0] and "took 3 of 12 images (--val-fraction 0.25" in lines[0]
+    assert "/flat/train/<class>/ and " in lines[0] and "/flat/val/<class>/" in lines[0]
+    # train/ alone: its subfolders are the classes (not one class called "train"), val is taken from it, said once.
+    make_folder(tmp_path / "only" / "train")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="distvit.data"):
+        write_imagefolder(tmp_path / "only", tmp_path / "b")
+    m = read_manifest(str(tmp_path / "b"))
+    assert m["classes"] == ["cat", "dog", "eel"] and m["samples"] == {"train": 11, "val": 1}
+    assert len(caplog.records) == 1 and "took 1 of 12 images" in caplog.text
+    # With val/ there is nothing to say.
+    make_folder(tmp_path / "only" / "val")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="distvit.data"):
+        write_imagefolder(tmp_path / "only", tmp_path / "c")
+    assert caplog.records == []
+    # The CSV without a split column says the same, naming the column to add.
+    rows = [f"flat/{p.relative_to(tmp_path / 'flat')},{p.parent.name}" for p in sorted((tmp_path / "flat").rglob("*.*"))]
+    (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="distvit.data"):
+        write_csv(tmp_path / "l.csv", tmp_path / "d")
+    assert len(caplog.records) == 1 and "add a third column train|val" in caplog.text
+
+
+def test_readme_imagenet_recipe_writes_what_the_config_reads(tmp_path, capsys):
+    """The README's ImageNet writer command, run on a tiny train/ + val/ tree, makes shards that
+    configs/vit_base_patch16_imagenet.yaml finds (with its paths moved under tmp_path)."""
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    line = next(ln for ln in (repo / "README.md").read_text().splitlines()
+                if ln.startswith("distvit data write imagefolder") and "imagenet" in ln)
+    argv = shlex.split(line.split("#")[0])[2:]  # drop "distvit data"
+    src, out = argv[2], argv[argv.index("--out") + 1]
+    data = yaml.safe_load((repo / "configs" / "vit_base_patch16_imagenet.yaml").read_text())["data"]
+    make_folder(tmp_path / src.lstrip("/") / "train")
+    make_folder(tmp_path / src.lstrip("/") / "val")
+    argv = [str(tmp_path / a.lstrip("/")) if a in (src, out) else a for a in argv] + ["--no-progress"]
+    assert data_main(argv) == 0
+    capsys.readouterr()
+    cfg = DataConfig(train=str(tmp_path / data["train"].lstrip("/")), val=str(tmp_path / data["val"].lstrip("/")),
+                     batch_size=2, num_workers=0, img_size=6, in_chans=3)
+    assert build_train_loader(cfg, dp_rank=0, dp_size=1, seed=0).num_samples == 12
+    assert build_val_loader(cfg, dp_rank=0, dp_size=1).num_samples == 12
+    assert read_manifest(cfg.train)["classes"] == ["cat", "dog", "eel"]

@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("path", help=what)
         common(sp)
         sp.add_argument("--val-fraction", type=float, default=0.1,
-                        help="share of samples for val when the source has no split (default 0.1)")
+                        help="share of samples for val when the source has no split (default 0.1; it says so)")
+        sp.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="processes writing shards in parallel (default 1); memory stays flat in dataset size")
 
     v = sub.add_parser("verify", help="read shards as training does; report counts, split and bad samples",
                        description="Decode every sample of the shards (as the loader does) and report samples, "
@@ -82,9 +84,9 @@ def _write(args) -> int:
     if args.source == "digits":
         path = write.write_digits(args.out, **kw)
     elif args.source == "imagefolder":
-        path = write.write_imagefolder(args.path, args.out, val_fraction=args.val_fraction, **kw)
+        path = write.write_imagefolder(args.path, args.out, val_fraction=args.val_fraction, workers=args.workers, **kw)
     else:
-        path = write.write_csv(args.path, args.out, val_fraction=args.val_fraction, **kw)
+        path = write.write_csv(args.path, args.out, val_fraction=args.val_fraction, workers=args.workers, **kw)
     manifest = json.loads(path.read_text())
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s): {args.out}/{info['pattern']}")

@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from distvit.data.errors import DataError
+from distvit.data.errors import DataError, log
 from distvit.data.manifest import MANIFEST_NAME, write_manifest
 from distvit.data.transforms import IMAGE_EXTS
 
@@ -80,9 +80,12 @@ def write_split(records: Iterable[Record], out_dir: Path, split: str, *, samples
     in_shard = [0]  # samples written to the open shard
 
     def finished(fname: str) -> None:  # ShardWriter calls this as it closes each shard
-        data = Path(fname).read_bytes()
-        shards.append({"name": os.path.basename(fname), "samples": in_shard[0], "bytes": len(data),
-                       "sha256": hashlib.sha256(data).hexdigest()})
+        digest = hashlib.sha256()
+        with open(fname, "rb") as f:  # in chunks: a shard may be gigabytes
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        shards.append({"name": os.path.basename(fname), "samples": in_shard[0], "bytes": os.path.getsize(fname),
+                       "sha256": digest.hexdigest()})
         in_shard[0] = 0
 
     pattern = str(out_dir / f"{split}-%06d.tar")
@@ -200,77 +203,79 @@ def _split_items(items: list, val_fraction: float, seed: int) -> tuple[list, lis
     return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
 
 
-def _file_records(items: list[tuple[Path, int]], split: str, root: Path) -> list[Record]:
-    records = []
-    for i, (path, label) in enumerate(items):
-        ext = path.suffix.lower().lstrip(".")
-        ext = "jpg" if ext == "jpeg" else ext
-        try:
-            rel = str(path.relative_to(root))
-        except ValueError:
-            rel = str(path)
-        records.append(Record(f"{split}_{i:08d}", path.read_bytes(), ext, label, {"path": rel}))
-    return records
+def _val_note(where: str, n_val: int, n_total: int, val_fraction: float, seed: int, how: str) -> None:
+    """One line: the writer made a val split itself (it used to do so silently)."""
+    if n_val:
+        log.warning("no val split in %s: took %d of %d images (--val-fraction %g, seeded by --seed %d) as val; "
+                    "to provide one, %s (or --val-fraction 0 for no val)", where, n_val, n_total, val_fraction, seed, how)
 
 
-def _folder_stats(items: list[tuple[Path, int]], stats_samples: int, seed: int) -> tuple[int, list[int] | None, list[float], list[float]]:
-    """Channels (1 if every image is grayscale), common size (or None) from headers; mean/std on a seeded subset."""
-    sizes, gray = set(), True
-    for path, _ in items:
-        with Image.open(path) as im:
-            sizes.add(im.size)
-            gray = gray and im.mode in ("L", "I;16", "1")
-    channels = 1 if gray else 3
-    subset = list(items)
-    random.Random(seed).shuffle(subset)
-    arrays = (np.asarray(Image.open(p).convert("L" if channels == 1 else "RGB")) for p, _ in subset[:stats_samples])
-    mean, std = image_stats(arrays, channels)
-    size = list(sizes.pop()[::-1]) if len(sizes) == 1 else None  # [H, W]
-    return channels, size, mean, std
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def write_imagefolder(src: str | Path, out_dir: str | Path, *, val_fraction: float = 0.1, seed: int = 0,
-                      stats_samples: int = 2000, **kw) -> Path:
-    """src/<class>/*.{jpg,png,webp} (split by val_fraction), or src/train/<class>/ + src/val/<class>/."""
+                      stats_samples: int = 2000, workers: int = 1, **kw) -> Path:
+    """src/<class>/*.{jpg,png,webp} (val_fraction of it becomes val), or src/train/<class>/ (+ src/val/<class>/).
+
+    Streams: the images are read by the shard writers (`workers` processes), never held together."""
     src = Path(src)
     if not src.is_dir():
         raise DataError(f"imagefolder source '{src}' is not a directory; give a folder with one subfolder per class")
-    has_splits = (src / "train").is_dir() and (src / "val").is_dir()
-    base = src / "train" if has_splits else src
+    top = {p.name for p in src.iterdir() if p.is_dir()}
+    has_train = "train" in top and top <= {"train", "val", "test"} and any(p.is_dir() for p in (src / "train").iterdir())
+    has_val = has_train and "val" in top
+    base = src / "train" if has_train else src
     classes = sorted(p.name for p in base.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"imagefolder source '{base}' has no class subfolders; expected {base}/<class>/<image>.jpg")
     index = {c: i for i, c in enumerate(classes)}
 
-    def items_of(folder: Path) -> list[tuple[Path, int]]:
+    def items_of(folder: Path) -> list[tuple[str, int]]:
         out = []
         for c in sorted(p.name for p in folder.iterdir() if p.is_dir()):
             if c not in index:
                 raise DataError(f"class folder '{folder / c}' is not among the train classes {classes[:5]}...; "
                                 f"val and train must have the same class folders")
-            out += [(p, index[c]) for p in _image_files(folder / c)]
+            out += [(_rel(p, src), index[c]) for p in _image_files(folder / c)]
         return out
 
-    if has_splits:
+    if has_val:
         train, val = items_of(src / "train"), items_of(src / "val")
     else:
-        train, val = _split_items(items_of(src), val_fraction, seed)
+        train, val = _split_items(items_of(base), val_fraction, seed)
+        _val_note(f"'{src}'", len(val), len(train) + len(val), val_fraction, seed,
+                  f"put the images in {src}/train/<class>/ and {src}/val/<class>/")
     if not train:
         raise DataError(f"imagefolder source '{src}' holds no images with extensions {', '.join(IMAGE_EXTS)}")
-    channels, size, mean, std = _folder_stats(train, stats_samples, seed)
-    splits = {"train": _file_records(train, "train", src), "val": _file_records(val, "val", src)}
-    return write_dataset(out_dir, splits, name=src.name, classes=classes, channels=channels, image_size=size,
-                         mean=mean, std=std, source=f"imagefolder {src}", **kw)
+    from distvit.data.write_files import write_file_dataset
+
+    return write_file_dataset(out_dir, src, {"train": train, "val": val}, name=src.name, classes=classes,
+                              source=f"imagefolder {src}", workers=workers, seed=seed, stats_samples=stats_samples,
+                              **_writer_kw(kw))
+
+
+def _writer_kw(kw: dict) -> dict:
+    out = {"samples_per_shard": DEFAULT_SAMPLES_PER_SHARD, "shard_bytes": DEFAULT_SHARD_BYTES, "overwrite": False,
+           "show_progress": False}
+    unknown = set(kw) - set(out)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    return {**out, **kw}
 
 
 def write_csv(csv_path: str | Path, out_dir: str | Path, *, val_fraction: float = 0.1, seed: int = 0,
-              stats_samples: int = 2000, **kw) -> Path:
+              stats_samples: int = 2000, workers: int = 1, **kw) -> Path:
     """Rows `path,label[,split]` (a header row is allowed); paths relative to the CSV's folder.
 
     Labels that are all integers are class indices; otherwise class names (sorted -> indices)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"csv source '{csv_path}' does not exist")
+    root = csv_path.parent
     rows = []
     with open(csv_path, newline="") as f:
         for lineno, row in enumerate(csv.reader(f), 1):
@@ -284,27 +289,29 @@ def write_csv(csv_path: str | Path, out_dir: str | Path, *, val_fraction: float 
             if split not in (None, "train", "val"):
                 raise DataError(f"{csv_path}:{lineno}: split must be train or val, got '{split}'")
             path = Path(row[0].strip())
-            path = path if path.is_absolute() else csv_path.parent / path
+            path = path if path.is_absolute() else root / path
             if not path.is_file():
                 raise DataError(f"{csv_path}:{lineno}: image '{path}' does not exist")
-            rows.append((path, row[1].strip(), split))
+            rows.append((_rel(path, root), row[1].strip(), split))
     if not rows:
         raise DataError(f"csv source '{csv_path}' has no rows")
-    labels = [r[1] for r in rows]
+    labels = {r[1] for r in rows}
     if all(lab.isdigit() for lab in labels):
         classes = [str(i) for i in range(max(int(x) for x in labels) + 1)]
-        to_index = {str(i): i for i in range(len(classes))} | {lab: int(lab) for lab in labels}
+        to_index = {lab: int(lab) for lab in labels}
     else:
-        classes = sorted(set(labels))
+        classes = sorted(labels)
         to_index = {c: i for i, c in enumerate(classes)}
-    items = [(p, to_index[lab], s) for p, lab, s in rows]
-    if any(s is not None for _, _, s in items):
-        train = [(p, y) for p, y, s in items if s != "val"]
-        val = [(p, y) for p, y, s in items if s == "val"]
+    if any(s is not None for _, _, s in rows):
+        train = [(p, to_index[lab]) for p, lab, s in rows if s != "val"]
+        val = [(p, to_index[lab]) for p, lab, s in rows if s == "val"]
     else:
-        train, val = _split_items([(p, y) for p, y, _ in items], val_fraction, seed)
-    channels, size, mean, std = _folder_stats(train, stats_samples, seed)
-    root = csv_path.parent
-    splits = {"train": _file_records(train, "train", root), "val": _file_records(val, "val", root)}
-    return write_dataset(out_dir, splits, name=csv_path.stem, classes=classes, channels=channels, image_size=size,
-                         mean=mean, std=std, source=f"csv {csv_path}", **kw)
+        train, val = _split_items([(p, to_index[lab]) for p, lab, _ in rows], val_fraction, seed)
+        _val_note(f"'{csv_path}' (no split column)", len(val), len(rows), val_fraction, seed,
+                  "add a third column train|val to every row")
+    del rows
+    from distvit.data.write_files import write_file_dataset
+
+    return write_file_dataset(out_dir, root, {"train": train, "val": val}, name=csv_path.stem, classes=classes,
+                              source=f"csv {csv_path}", workers=workers, seed=seed, stats_samples=stats_samples,
+                              **_writer_kw(kw))
