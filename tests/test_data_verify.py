@@ -75,6 +75,15 @@ def test_tar_recipe_with_files_apart_is_named_and_no_empty_manifest(tmp_path, ca
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "no manifest written" in err[0] and "no classes" in err[0]
 
+    # Training on it says the same at start instead of failing every sample.
+    from distvit.data.config import DataConfig
+    from distvit.data.errors import DataError
+    from distvit.data.loader import build_train_loader
+
+    cfg = DataConfig(train=str(tmp_path / "x.tar"), val=None, on_error="raise", num_workers=0, batch_size=4)
+    with pytest.raises(DataError, match=r"x.tar': the files of a sample are not adjacent .*LC_ALL=C sort \| tar"):
+        build_train_loader(cfg, dp_rank=0, dp_size=1, seed=0)
+
     # The fixed recipe from docs/data.md gives 36 good samples and a manifest.
     subprocess.run(["tar", "-cf", str(tmp_path / "y.tar"), *sorted(pngs + clss)], cwd=files, check=True)
     assert data_main(["verify", str(tmp_path / "y.tar"), "--no-progress", "--in-chans", "1", "--batch-size", "8",
@@ -85,7 +94,8 @@ def test_tar_recipe_with_files_apart_is_named_and_no_empty_manifest(tmp_path, ca
 
 def test_docs_tar_recipe_keeps_samples_together(tmp_path, capsys):
     """The recipe docs/data.md gives, run as written, makes shards whose samples all verify."""
-    recipe = [line.split("    #")[0].strip() for line in open(Path(__file__).resolve().parents[1] / "docs" / "data.md") if line.startswith("    ls *.png *.cls")]
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text().splitlines()
+    recipe = [line.split("    #")[0].strip() for line in docs if line.startswith("    ls *.png *.cls")]
     assert len(recipe) == 1, recipe
     files = plain_files(tmp_path, n=36)
     subprocess.run(recipe[0], shell=True, cwd=files, check=True)

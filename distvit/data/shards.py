@@ -83,7 +83,7 @@ def count_tar_samples(url: str) -> int:
     """Samples in a local tar, from its headers only (consecutive members sharing a key are one sample)."""
     from webdataset.tariterators import base_plus_ext
 
-    count, last = 0, None
+    count, last, seen = 0, None, set()
     with tarfile.open(local_path(url), "r:*") as tar:
         for member in tar:
             if not member.isreg():
@@ -93,8 +93,20 @@ def count_tar_samples(url: str) -> int:
                 continue
             key, _ = base_plus_ext(name)
             if key is not None and key != last:
+                if key in seen:
+                    raise SamplesApart(key)
+                seen.add(key)
                 count, last = count + 1, key
     return count
+
+
+class SamplesApart(Exception):
+    """A key comes back after other keys: the files of a sample are not adjacent (webdataset needs them so)."""
+
+    def message(self, url: str) -> str:
+        return (f"shard '{url}': the files of a sample are not adjacent (key '{self.args[0]}' comes back after other "
+                f"keys, e.g. from `tar cf x.tar *.png *.cls`), so no sample would have both image and label; "
+                f"re-create it with `ls *.png *.cls | LC_ALL=C sort | tar -cf x.tar -T -` or `distvit data write`")
 
 
 def list_shards(pattern: str, manifest_path: str | None = None, on_error: str = "skip", *, allow_pipe: bool = False,
@@ -121,6 +133,10 @@ def list_shards(pattern: str, manifest_path: str | None = None, on_error: str = 
             )
         try:
             shards.append(Shard(url, count_tar_samples(url)))
+        except SamplesApart as exc:
+            if on_error == "raise":
+                raise DataError(exc.message(url)) from None
+            log.warning("%s; left out of the epoch", exc.message(url))
         except (tarfile.TarError, OSError, EOFError) as exc:
             if on_error == "raise":
                 raise DataError(f"shard '{url}' is not a readable tar ({exc}); fix or remove it, "
