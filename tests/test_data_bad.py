@@ -261,3 +261,24 @@ def test_dead_or_stuck_worker_is_an_error_not_a_hang(tmp_path, monkeypatch, make
     with pytest.raises(RuntimeError, match=match):
         list(loader)
     assert time.monotonic() - start < 30
+
+
+def test_training_without_manifest_skips_out_of_range_label(tmp_path):
+    """End to end: shards from another tool, one label beyond the model's 10 classes. The run used to die
+    with IndexError in the loss; now the trainer passes the model's class count to the loader, which skips
+    the sample under on_error=skip (counted in metrics.csv), and one line names the normalisation used."""
+    from trainer_helpers import launch, read_metrics
+
+    rng = np.random.default_rng(0)
+    write_raw_tar(tmp_path / "foreign.tar", {f"k{i:03d}": {"png": encode(synthetic_image(i, 8, 1, rng), "png"),
+                                                           "cls": b"%d" % (12 if i == 5 else i % 10)} for i in range(24)})
+    sets = [f"run.output_dir={tmp_path}", "run.name=r", "run.max_steps=3", "run.eval_every=1000",
+            f"data.train={tmp_path}/foreign.tar", "data.val=null", "data.batch_size=8", "data.num_workers=0",
+            "data.shuffle=false", "model.num_classes=10", "log.every_steps=1", "log.tensorboard=false",
+            "log.progress=false", "parallel.precision=fp32", "checkpoint.export=false"]
+    args = ["--config", "demo_digits"] + [x for s in sets for x in ("--set", s)]
+    proc = launch(args, launcher="python", timeout=600)
+    assert "label 12 is out of range [0, 10) of the model's 10 classes" in proc.stderr
+    assert "normalising" in proc.stderr and "ImageNet's defaults" in proc.stderr
+    rows = read_metrics(tmp_path / "r")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3] and int(rows[-1]["bad_samples"]) == 1
