@@ -226,7 +226,9 @@ def write_imagefolder(src: str | Path, out_dir: str | Path, *, val_fraction: flo
     if not src.is_dir():
         raise DataError(f"imagefolder source '{src}' is not a directory; give a folder with one subfolder per class")
     top = {p.name for p in src.iterdir() if p.is_dir()}
-    has_train = "train" in top and top <= {"train", "val", "test"} and any(p.is_dir() for p in (src / "train").iterdir())
+    # train/ (+ val/) holding class folders; train/ alone counts only when nothing but split names sits beside it
+    has_train = ("train" in top and any(p.is_dir() for p in (src / "train").iterdir())
+                 and ("val" in top or top <= {"train", "val", "test"}))
     has_val = has_train and "val" in top
     base = src / "train" if has_train else src
     classes = sorted(p.name for p in base.iterdir() if p.is_dir())
