@@ -147,7 +147,7 @@ def write_file_dataset(out_dir: str | Path, root: str | Path, splits: dict[str, 
     from distvit.data.write import _bar, prepare_output
 
     if workers < 1:
-        raise DataError(f"--workers must be >= 1, got {workers}")
+        raise DataError(f"--workers (writer processes) must be >= 1, got {workers}")
     out, root = Path(out_dir), str(root)
     prepare_output(out, overwrite)
     order = list(range(len(splits.get("train", []))))
