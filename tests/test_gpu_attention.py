@@ -145,10 +145,14 @@ def test_grad_checkpointing_equals_no_checkpointing(device):
     assert torch.equal(l0, l1), (l0, l1)  # the forward is recomputed with the same kernels: same bits
     assert g0.keys() == g1.keys()
     for n in g0:
-        # CPU: bitwise. CUDA: the recomputed forward is bitwise too, but some backward kernels
-        # accumulate with atomics (order varies between launches): a float32-rounding bound.
-        tol = dict(atol=0, rtol=0) if device == "cpu" else dict(atol=1e-5, rtol=1e-3)
-        torch.testing.assert_close(g1[n], g0[n], **tol, msg=lambda m: f"grad of {n}: {m}")
+        if device == "cpu":
+            torch.testing.assert_close(g1[n], g0[n], atol=0, rtol=0, msg=lambda m: f"grad of {n}: {m}")
+            continue
+        # CUDA: the recomputed forward is bitwise too, but the fused attention backward adds dq
+        # with atomics in bf16 (order varies between launches): a bf16-rounding bound on each
+        # parameter's gradient as a whole. A wrong RNG replay or a lost gradient is O(1) here.
+        rel = ((g1[n] - g0[n]).norm() / g0[n].norm().clamp_min(1e-12)).item()
+        assert rel <= 2e-2, f"grad of {n}: relative difference {rel:.3g} with checkpointing"
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -85,4 +85,4 @@ def test_activation_checkpointing_under_zero3_equals_no_checkpointing(device, di
     else:
         # recomputed forward: same bits; backward kernels with atomics may reorder float32 sums
         torch.testing.assert_close(torch.tensor([float(x) for _, x in b]), torch.tensor([float(x) for _, x in a]),
-                                   rtol=1e-4, atol=0)
+                                   rtol=1e-3, atol=0)
