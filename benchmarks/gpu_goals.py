@@ -23,7 +23,7 @@ def rows(folder: Path, name: str) -> list[dict]:
 
 def goal(name: str, value, target: float, *, at_least: bool, source: str, **extra) -> dict:
     if value is None:
-        return {"goal": name, "met": None, "target": target, "note": f"no result in {source}", **extra}
+        return {"goal": name, "met": None, "target": target, "note": f"no result for this goal in {source} (its step failed, hit its limit or did not reach it)", **extra}
     met = value >= target if at_least else value <= target
     missed = None if met else round(abs(target - value), 4)
     return {"goal": name, "value": round(value, 4), "target": target, "met": met, "missed_by": missed,
