@@ -80,7 +80,7 @@ step build-cpu-adam 45 "$PY" -c 'from deepspeed.ops.op_builder import CPUAdamBui
 
 # -- 2. the CUDA tests ----------------------------------------------------------------------------
 rm -f "$RES"/gpu_tests_cuda.*
-step pytest-gpu 270 "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" -rs --durations=15 \
+step pytest-gpu 260 "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" -rs --durations=15 \
     --junitxml="$RES/gpu_tests_cuda.xml" --timeout=200
 
 # -- 3. benchmarks, each with its peer in the same run --------------------------------------------
@@ -90,7 +90,8 @@ if [[ $DRY == 1 ]]; then  # tiny sizes: checks the command lines, not the number
     QUICK=(--quick)
 else
     DECODE=(--repeats 10) QUICK=()
-    OFFLOAD=(--model vit_large_patch16_224 --batch 32 --precision bf16 --sub-group-size 20000000 --steps 4 --warmup 2)
+    OFFLOAD=(--model vit_base_patch16_224 --batch 32 --precision bf16 --sub-group-size 10000000 --steps 4 --warmup 2
+            --modes cpu,interleaved,partial,none,zenflow)  # the goals' modes first: a cut run keeps them
 fi
 step decode-b1 20 "$PY" benchmarks/decode_attention.py --device $DEV --batch 1 "${DECODE[@]}" --out "$RES/decode_attention_cuda.jsonl"
 step decode-b8 20 "$PY" benchmarks/decode_attention.py --device $DEV --batch 8 "${DECODE[@]}" --out "$RES/decode_attention_cuda.jsonl"
