@@ -1,6 +1,9 @@
 # Two commands on a fresh machine (Python 3.10+, pip, make):
 #   make demo   set up .venv and run the main job: the digits demo on 2 CPU ranks (DeepSpeed ZeRO-2)
 #   make test   set up .venv with the dev extras and run the whole test suite
+# On a GPU machine without a package registry (README, "GPU check"):
+#   make wheelhouse   (on a connected machine) the wheels such a machine lacks, into wheelhouse/
+#   make gpu-check    (on the GPU machine) install from wheelhouse/ offline, pytest -m gpu, benchmarks
 # Re-running either when nothing changed does not reinstall (stamp files in .venv).
 
 PYTHON ?= python3
@@ -17,11 +20,12 @@ TIMM_DIR  := $(VENV)/reference
 RUN_NAME  ?= demo_digits-$(shell date +%Y%m%d-%H%M%S)
 DEMO_RANKS ?= 2
 PYTEST_ARGS ?=
+WHEELHOUSE ?= wheelhouse
 
-.PHONY: demo test test-fast bench install install-dev clean help
+.PHONY: demo test test-fast bench install install-dev clean help wheelhouse gpu-check
 
 help:
-	@echo "make demo | make test | make test-fast | make bench | make clean"
+	@echo "make demo | make test | make test-fast | make bench | make clean | make wheelhouse | make gpu-check"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +60,14 @@ test-fast: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	DS_ACCELERATOR=cpu $(PY) benchmarks/data_throughput.py
 	DS_ACCELERATOR=cpu $(PY) benchmarks/trainer_overhead.py
+
+# The versions pinned are the ones in .venv (make install first); DeepSpeed's wheel is built from its sdist.
+wheelhouse: | $(PY)
+	bash benchmarks/wheelhouse.sh $(PY) $(WHEELHOUSE)
+
+# Runs with the GPU machine's own python ($(PYTHON)) and CUDA torch; never touches .venv.
+gpu-check:
+	bash benchmarks/gpu_check.sh $(PYTHON) $(WHEELHOUSE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

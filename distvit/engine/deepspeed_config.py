@@ -77,6 +77,11 @@ def build_ds_config(cfg: Config, device: torch.device, *, elements_per_rank: int
         ds["gradient_clipping"] = cfg.optim.grad_clip
     if cfg.parallel.deepspeed_extra:
         ds = merge_user_json(ds, cfg.parallel.deepspeed_extra)
+    param_device = (ds["zero_optimization"].get("offload_param") or {}).get("device", "none")
+    if cfg.parallel.offload == "interleaved" and param_device == "cpu" and device.type != "cpu":
+        from distvit.engine.offload import param_offload_error
+
+        raise ConfigError(param_offload_error(device, f"parallel.deepspeed_extra '{cfg.parallel.deepspeed_extra}'"))
     return ds
 
 

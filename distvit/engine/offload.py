@@ -72,6 +72,14 @@ def offload_ds_config(mode: OffloadMode, gpu_fraction: Fraction = "auto", sub_gr
     return fragment
 
 
+def param_offload_error(device: torch.device, source: str) -> str:
+    """The one-line refusal of interleaved offload with zero_optimization.offload_param.device=cpu."""
+    return (f"interleaved offload updates the ZeRO-3 parameter partitions on the {device.type} device, but "
+            f"zero_optimization.offload_param.device is 'cpu' (from {source}), which keeps them in host memory; "
+            "remove offload_param from the DeepSpeed config, or use parallel.offload=cpu (DeepSpeed's own offload, "
+            "which supports offload_param)")
+
+
 def _say_with(logger) -> Callable[[str], None]:
     if logger is None:
         return lambda msg: print(msg, flush=True)
@@ -268,7 +276,12 @@ def enable_interleaved_offload(
     _check_fraction(gpu_fraction, "gpu_fraction (parallel.offload_gpu_fraction)")
     opt = _validate(engine)
     lp = opt.fp16_partitioned_groups_flat[0]
-    backend = backend_for(lp.device)
+    # The backend follows the accelerator, not where the partitions happen to live: with
+    # offload_param=cpu they sit in host memory even on a GPU machine (the CPU stand-in would run).
+    device = torch.device(engine.device) if getattr(engine, "device", None) is not None else lp.device
+    if lp.device.type != device.type:
+        raise ValueError(param_offload_error(device, "the DeepSpeed config"))
+    backend = backend_for(device)
     if kernel == "auto":
         kernel = "torch" if backend.concurrent else "cpu_adam"
     if kernel == "cpu_adam" and backend.concurrent:
