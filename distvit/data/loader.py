@@ -54,6 +54,7 @@ def _spec(cfg: DataConfig, shards, manifest, *, seed, epoch, dp_rank, dp_size, s
         crop_scale=tuple(cfg.train_crop_scale), crop_ratio=tuple(cfg.train_crop_ratio), hflip=cfg.hflip,
         eval_crop_pct=cfg.eval_crop_pct, interpolation=cfg.interpolation, on_error=cfg.on_error,
         max_logged_errors=cfg.max_logged_errors, num_classes=_num_classes(manifest),
+        augment=(cfg.auto_augment, cfg.color_jitter, cfg.three_augment, cfg.reprob, cfg.remode),
         start_step=start_step, cursors=tuple(cursors),
     )
 

@@ -52,6 +52,7 @@ class StreamSpec:
     on_error: str
     max_logged_errors: int
     num_classes: int | None
+    augment: tuple = ()  # (auto_augment, color_jitter, three_augment, reprob, remode); () for none
     start_step: int = 0  # batches of this epoch the rank has already consumed
     cursors: tuple = field(default=())  # per logical worker: dict or None
 
@@ -90,7 +91,7 @@ class WorkerStream:
         self.s, self.worker, self.plan = spec, worker, plan
         self.bad = BadSampleLog(spec.on_error, spec.max_logged_errors, f"rank {spec.dp_rank} worker {worker}")
         self.transform = TrainTransform(spec.img_size, spec.in_chans, spec.crop_scale, spec.crop_ratio,
-                                        spec.hflip, spec.interpolation)
+                                        spec.hflip, spec.interpolation, spec.augment, spec.mean)
         self.normalize = Normalize(spec.mean, spec.std)
         done = batches_done(spec.start_step, worker, spec.num_workers)
         if cursor is None:
@@ -121,7 +122,7 @@ class WorkerStream:
         if c["good"] >= quota:
             return
         total = sum(sh.samples for sh in s.shards)
-        images, labels = [], []
+        images, labels, rngs = [], [], []
         resume = c["taken"] > 0 or c["batches"] > 0
         overflow = bool(c["overflow"])
         reader = self._reader(overflow, (c["piece"], c["item"]))
@@ -150,7 +151,7 @@ class WorkerStream:
                     label = decode_label(item, s.num_classes)
                     rng = sample_rng(s.seed, s.epoch, item.get("__url__", ""), item["__key__"])
                     images.append(self.transform(img, rng))
-                    labels.append(label)
+                    labels.append(label), rngs.append(rng)
                 except BadSample as exc:
                     self.bad.report(item.get("__url__", "?"), item.get("__key__"), exc.reason)
                     taken_since_good += 1
@@ -164,8 +165,9 @@ class WorkerStream:
                 if len(images) == s.batch_size:
                     c["batches"] += 1
                     c["bad"] = self.bad.count
-                    yield self.normalize(images), torch.tensor(labels, dtype=torch.int64), dict(c)
-                    images, labels = [], []
+                    yield (self.transform.finish(self.normalize(images), rngs), torch.tensor(labels, dtype=torch.int64),
+                           dict(c))
+                    images, labels, rngs = [], [], []
                     if c["good"] >= quota:
                         return
             c["block"] += 1  # the next block starts where this one's reading stopped
