@@ -160,6 +160,9 @@ class DataConfig(BaseModel):
                     f"data.{name} has {len(value)} values but data.in_chans={self.in_chans}; "
                     f"give one value per channel or null to take them from the dataset manifest"
                 )
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise ValueError(f"data.batch_size={self.batch_size} is odd, but mixup/cutmix pair each sample with the "
+                             f"batch reversed; set data.batch_size={self.batch_size + 1} or data.mixup=data.cutmix=0")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"data.std must be > 0 per channel, got {self.std}")
         return self

@@ -30,8 +30,10 @@ from distvit.checkpoint import io as ckio
 from distvit.checkpoint.reshape import COMMON_STATE, is_reshaped, is_universal
 from distvit.config import Config, ConfigError, save_config
 from distvit.data import build_train_loader, build_val_loader, read_manifest
+from distvit.data.mixup import build_mixer
 from distvit.engine import distill
 from distvit.engine.deepspeed_config import build_ds_config, resolve_precision
+from distvit.engine.loss import cross_entropy
 from distvit.engine.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
 from distvit.engine.optim import build_optimizer
 from distvit.engine.schedule import build_scheduler
@@ -162,6 +164,7 @@ class Trainer:
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         # A frozen teacher beside the engine (never wrapped by DeepSpeed), in the student's precision.
         self.distiller = distill.build_distiller(cfg, self.engine.module, self.device, self.input_dtype)
+        self.mixer = build_mixer(cfg.data, self.engine.module.num_classes)  # None without mixup / cutmix
 
         self.step = 0
         self.epoch = 0
@@ -334,15 +337,17 @@ class Trainer:
         engine = self.engine
         loss_sum = torch.zeros((), dtype=torch.float64)
         images_seen = 0
-        for _ in range(self.cfg.parallel.grad_accum):
+        for micro in range(self.cfg.parallel.grad_accum):
             images, labels = next(batches)
             images = images.to(self.device, dtype=self.input_dtype, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
+            if self.mixer is not None:  # soft targets; the same mix on every sp rank of this dp rank
+                images, labels = self.mixer(images, labels, self.mixer.draws(self.cfg.run.seed, self.step, micro, self.mesh.dp_rank))
             logits = engine(images)
             if self.distiller is not None:
                 loss = self.distiller.loss(images, logits, labels)
             else:
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
+                loss = cross_entropy(logits, labels, label_smoothing=self.cfg.optim.label_smoothing)
             if _fault_armed("nan_loss", self.step + 1):
                 loss = loss * float("nan")
             engine.backward(loss)
