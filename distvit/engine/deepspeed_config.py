@@ -73,7 +73,7 @@ def build_ds_config(cfg: Config, device: torch.device, *, elements_per_rank: int
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
     }
-    if cfg.optim.grad_clip is not None:
+    if cfg.optim.grad_clip is not None and cfg.optim.clip_mode == "norm":  # value: engine/optim.py clamps
         ds["gradient_clipping"] = cfg.optim.grad_clip
     if cfg.parallel.deepspeed_extra:
         ds = merge_user_json(ds, cfg.parallel.deepspeed_extra)

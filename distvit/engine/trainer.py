@@ -35,7 +35,7 @@ from distvit.engine import distill
 from distvit.engine.deepspeed_config import build_ds_config, resolve_precision
 from distvit.engine.loss import cross_entropy
 from distvit.engine.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
-from distvit.engine.optim import build_optimizer
+from distvit.engine.optim import build_optimizer, freeze_parameters
 from distvit.engine.schedule import build_scheduler
 
 
@@ -111,6 +111,8 @@ class Trainer:
         # Identical initial weights on every rank (ZeRO-3 partitions whatever each rank built).
         seed_all(cfg.run.seed)
         model = build_model(cfg)
+        if cfg.model.freeze:
+            log0(f"model.freeze: {freeze_parameters(model, cfg.model.freeze)} parameter tensors frozen")
         if cfg.parallel.activation_checkpointing:
             model.set_grad_checkpointing(True)
         self.flops_per_image = float(model.flops_per_image()) if hasattr(model, "flops_per_image") else None
@@ -150,6 +152,7 @@ class Trainer:
         scheduler = build_scheduler(
             optimizer, total_steps=self.total_steps, warmup_steps=cfg.schedule.warmup_steps,
             kind=cfg.schedule.kind, peak_lr=cfg.optim.lr, min_lr=cfg.schedule.min_lr,
+            decay_fraction=cfg.schedule.decay_fraction,
         )
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
