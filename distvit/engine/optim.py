@@ -143,17 +143,16 @@ def _make(groups, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
 
 
 def clamp_grads_before_step(opt: torch.optim.Optimizer, value: float) -> None:
-    step = opt.step
+    """A step pre-hook (torch runs it for every Optimizer subclass, DeepSpeed's included)."""
 
-    def clamped_step(*args, **kwargs):
-        with torch.no_grad():
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.clamp_(-value, value)
-        return step(*args, **kwargs)
+    @torch.no_grad()
+    def clamp(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.clamp_(-value, value)
 
-    opt.step = clamped_step
+    opt.register_step_pre_hook(clamp)
 
 
 class Lamb(torch.optim.Optimizer):
