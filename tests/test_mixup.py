@@ -97,3 +97,15 @@ def test_config_checks():
         DataConfig(mixup=0.8, batch_size=7)
     with pytest.raises(ValueError, match=r"data.cutmix is a Beta alpha.*got -1"):
         DataConfig(cutmix=-1)
+
+
+def test_distillation_loss_takes_mixed_soft_targets():
+    """The trainer hands the distiller mixup's soft targets: its label term is then the soft-target loss."""
+    from distvit.engine.distill import distillation_loss
+
+    logits, teacher = torch.randn(4, 5), torch.randn(4, 5)
+    y = torch.tensor([0, 1, 2, 3])
+    _, soft = Mixup(0.8, 0.0, label_smoothing=0.0, num_classes=5)(torch.randn(4, 1, 2, 2), y, np.random.RandomState(2))
+    got = distillation_loss(logits, logits, teacher, soft, kind="hard", alpha=0.3, tau=1.0, label_smoothing=0.1)
+    expected = 0.7 * cross_entropy(logits, soft, 0.1) + 0.3 * F.cross_entropy(logits, teacher.argmax(-1))
+    torch.testing.assert_close(got, expected)
