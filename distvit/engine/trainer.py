@@ -124,6 +124,8 @@ class Trainer:
             # averages over dp in its one reduction, and ZeRO shards over dp x sp (docs/sequence_parallel.md).
             parallelize_sequence(model, self.mesh, impl=cfg.parallel.sp_impl, grad_sync="partial")
 
+        if cfg.run.compile:  # in place: parameter names and DeepSpeed's hooks stay as they are
+            model.compile()
         self.train_loader = build_train_loader(cfg.data, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size, seed=cfg.run.seed)
         self.val_loader = (
             build_val_loader(cfg.data, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size) if cfg.data.val else None
