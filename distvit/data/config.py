@@ -59,6 +59,7 @@ class DataConfig(BaseModel):
     mixup_prob: float = 1.0  # probability of mixing a batch (element / pair in those modes)
     mixup_switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup
     mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+    repeated_aug: int = 1  # DeiT's RASampler: each sample seen this many times per epoch, on different ranks
 
     on_error: Literal["raise", "skip"] = "skip"  # bad tar / image / label: stop, or warn, count and go on
     max_logged_errors: int = 20  # per worker and epoch; the rest are counted only
@@ -160,6 +161,11 @@ class DataConfig(BaseModel):
                     f"data.{name} has {len(value)} values but data.in_chans={self.in_chans}; "
                     f"give one value per channel or null to take them from the dataset manifest"
                 )
+        if self.repeated_aug < 1:
+            raise ValueError(f"data.repeated_aug must be >= 1 (1: off, DeiT uses 3), got {self.repeated_aug}")
+        if self.repeated_aug > 1 and self.shard_split != "samples":
+            raise ValueError(f"data.repeated_aug={self.repeated_aug} needs data.shard_split=samples (got "
+                             f"{self.shard_split}): the repeats are placed by sample position")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise ValueError(f"data.batch_size={self.batch_size} is odd, but mixup/cutmix pair each sample with the "
                              f"batch reversed; set data.batch_size={self.batch_size + 1} or data.mixup=data.cutmix=0")

@@ -54,6 +54,7 @@ def _spec(cfg: DataConfig, shards, manifest, *, seed, epoch, dp_rank, dp_size, s
         crop_scale=tuple(cfg.train_crop_scale), crop_ratio=tuple(cfg.train_crop_ratio), hflip=cfg.hflip,
         eval_crop_pct=cfg.eval_crop_pct, interpolation=cfg.interpolation, on_error=cfg.on_error,
         max_logged_errors=cfg.max_logged_errors, num_classes=_num_classes(manifest),
+        repeated_aug=cfg.repeated_aug,
         augment=(cfg.auto_augment, cfg.color_jitter, cfg.three_augment, cfg.reprob, cfg.remode),
         start_step=start_step, cursors=tuple(cursors),
     )
@@ -79,6 +80,9 @@ class TrainLoader:
 
     def __init__(self, cfg: DataConfig, *, dp_rank: int, dp_size: int, seed: int):
         _check_rank(dp_rank, dp_size)
+        if cfg.repeated_aug > dp_size:
+            raise DataError(f"data.repeated_aug={cfg.repeated_aug} repeats each sample on that many different ranks, "
+                            f"but there are {dp_size} data-parallel ranks; set data.repeated_aug <= {dp_size} (1: off)")
         self.cfg, self.dp_rank, self.dp_size, self.seed = cfg, dp_rank, dp_size, seed
         self.shards, self.manifest = list_shards(cfg.train, cfg.manifest, cfg.on_error)
         self.num_samples = sum(s.samples for s in self.shards)

@@ -52,6 +52,7 @@ class StreamSpec:
     on_error: str
     max_logged_errors: int
     num_classes: int | None
+    repeated_aug: int = 1  # DeiT's repeated augmentation: each sample on this many ranks per epoch
     augment: tuple = ()  # (auto_augment, color_jitter, three_augment, reprob, remode); () for none
     start_step: int = 0  # batches of this epoch the rank has already consumed
     cursors: tuple = field(default=())  # per logical worker: dict or None
@@ -81,7 +82,7 @@ class TrainStream(IterableDataset):
         w = logical_worker(s.start_step, s.num_workers)
         plan = train_plan(list(s.shards), seed=s.seed, epoch=s.epoch, shuffle=s.shuffle, split=s.shard_split,
                           dp_rank=s.dp_rank, dp_size=s.dp_size, num_workers=s.num_workers,
-                          batch_size=s.batch_size, steps=s.steps)[w]
+                          batch_size=s.batch_size, steps=s.steps, repeats=s.repeated_aug)[w]
         cursor = s.cursors[w] if s.cursors else None
         return WorkerStream(s, w, plan, cursor).batches()
 
@@ -149,7 +150,9 @@ class WorkerStream:
                 try:
                     img = decode_image(item, s.in_chans)
                     label = decode_label(item, s.num_classes)
-                    rng = sample_rng(s.seed, s.epoch, item.get("__url__", ""), item["__key__"])
+                    # With repeated augmentation each rank draws its own augmentation of a shared sample.
+                    key = item["__key__"] if s.repeated_aug == 1 else f"{item['__key__']}\0{s.dp_rank}"
+                    rng = sample_rng(s.seed, s.epoch, item.get("__url__", ""), key)
                     images.append(self.transform(img, rng))
                     labels.append(label), rngs.append(rng)
                 except BadSample as exc:
