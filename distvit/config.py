@@ -43,6 +43,7 @@ class RunConfig(Section):
     eval_every: int = 0  # optimizer steps between evaluations; 0: at each epoch end and at the end
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+    compile: bool = False  # torch.compile the model (inductor); see docs/recipes.md for the cost on CPU
 
 
 class ModelConfig(Section):
@@ -53,6 +54,7 @@ class ModelConfig(Section):
     drop_path_rate: float = 0.0
     attn_backend: Literal["auto", "sdpa", "flash", "math"] = "auto"
     checkpoint: str | None = None  # initial weights (.safetensors / .pt), e.g. timm's
+    freeze: list[str] = []  # fnmatch patterns of parameter names to freeze, e.g. ["patch_embed.*", "blocks.[0-5].*"]
 
     @field_validator("drop_path_rate")
     @classmethod
@@ -63,20 +65,39 @@ class ModelConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw", "lamb", "sgd"] = "adamw"
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    grad_clip: float | None = 1.0  # max global grad norm; null disables clipping
+    grad_clip: float | None = 1.0  # max global grad norm (or max |element|, clip_mode=value); null: off
+    clip_mode: Literal["norm", "value"] = "norm"
+    layer_decay: float | None = None  # lr scale per block, layer_decay ** (layers above); e.g. 0.65 (MAE/BEiT)
+    momentum: float = 0.9  # sgd only (Nesterov)
     label_smoothing: float = 0.0
     ema_decay: float | None = None  # e.g. 0.9998 keeps an EMA of the weights, evaluated too
 
+    @model_validator(mode="after")
+    def _recipe(self):
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"optim.layer_decay must be in (0, 1] (0.65-0.75 for fine-tuning) or null, got {self.layer_decay}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"optim.grad_clip must be > 0 or null (no clipping), got {self.grad_clip}")
+        return self
+
 
 class ScheduleConfig(Section):
-    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    kind: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     warmup_steps: int = 0
     min_lr: float = 0.0
+    decay_fraction: float = 0.1  # wsd: the last fraction of the steps decays linearly to min_lr
+
+    @field_validator("decay_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"schedule.decay_fraction must be in (0, 1], got {v}")
+        return v
 
 
 class ParallelConfig(Section):
@@ -161,6 +182,17 @@ class Config(Section):
     distill: DistillConfig = DistillConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _optimizer_fits_parallel(self):
+        name, p = self.optim.name, self.parallel
+        if name != "adamw" and p.offload != "none":
+            raise ValueError(f"optim.name={name} with parallel.offload={p.offload}: DeepSpeed's CPU offload steps "
+                             "with DeepSpeedCPUAdam; use optim.name=adamw or parallel.offload=none")
+        if name == "lamb" and p.zero_stage != 0:
+            raise ValueError(f"optim.name=lamb needs whole tensors for its trust ratio, but ZeRO stage {p.zero_stage} "
+                             "hands the optimizer flat partitions; set parallel.zero_stage=0 or optim.name=adamw")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

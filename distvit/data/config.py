@@ -50,6 +50,19 @@ class DataConfig(BaseModel):
     eval_crop_pct: float = 1.0  # eval: resize the short side to img_size / eval_crop_pct, center crop
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
 
+    # Training recipes (timm's names; distvit/data/augment.py, distvit/data/mixup.py, docs/recipes.md).
+    auto_augment: str | None = None  # "rand-m9-mstd0.5-inc1", "augmix-m3-w3", "3a", "trivialaugment"
+    color_jitter: float | list[float] | None = None  # factor range 1 +- x; off when auto_augment is on (timm)
+    three_augment: bool = False  # DeiT III: one of grayscale / solarize / blur per image
+    reprob: float = 0.0  # random erasing probability (on the normalized image)
+    remode: Literal["const", "rand", "pixel"] = "pixel"
+    mixup: float = 0.0  # mixup Beta alpha; > 0 turns it on
+    cutmix: float = 0.0  # cutmix Beta alpha; > 0 turns it on
+    mixup_prob: float = 1.0  # probability of mixing a batch (element / pair in those modes)
+    mixup_switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+    repeated_aug: int = 1  # DeiT's RASampler: each sample seen this many times per epoch, on different ranks
+
     on_error: Literal["raise", "skip"] = "skip"  # bad tar / image / label: stop, or warn, count and go on
     max_logged_errors: int = 20  # per worker and epoch; the rest are counted only
 
@@ -79,11 +92,38 @@ class DataConfig(BaseModel):
             raise ValueError(f"data.in_chans must be 1 (grayscale) or 3 (RGB), got {v}")
         return v
 
-    @field_validator("hflip")
+    @field_validator("hflip", "reprob", "mixup_prob", "mixup_switch_prob")
     @classmethod
-    def _prob(cls, v: float) -> float:
+    def _prob(cls, v: float, info) -> float:
         if not 0.0 <= v <= 1.0:
-            raise ValueError(f"data.hflip is a probability in [0, 1], got {v}")
+            raise ValueError(f"data.{info.field_name} is a probability in [0, 1], got {v}")
+        return v
+
+    @field_validator("mixup", "cutmix")
+    @classmethod
+    def _alpha(cls, v: float, info) -> float:
+        if v < 0:
+            raise ValueError(f"data.{info.field_name} is a Beta alpha (0 turns it off, DeiT uses 0.8 / 1.0), got {v}")
+        return v
+
+    @field_validator("auto_augment")
+    @classmethod
+    def _auto_augment(cls, v: str | None) -> str | None:
+        if v in (None, "", "none"):
+            return None
+        from distvit.data.augment import parse_auto_augment
+
+        try:
+            parse_auto_augment(v, {"translate_const": 100, "fill": 128, "resample": 0})
+        except ValueError as exc:
+            raise ValueError(f"data.auto_augment: {exc}") from None
+        return v
+
+    @field_validator("color_jitter")
+    @classmethod
+    def _jitter(cls, v):
+        if isinstance(v, list) and len(v) not in (3, 4) or (v is not None and min([v] if not isinstance(v, list) else v) < 0):
+            raise ValueError(f"data.color_jitter is one factor >= 0 or [brightness, contrast, saturation(, hue)], got {v}")
         return v
 
     @field_validator("eval_crop_pct")
@@ -123,6 +163,14 @@ class DataConfig(BaseModel):
                     f"data.{name} has {len(value)} values but data.in_chans={self.in_chans}; "
                     f"give one value per channel or null to take them from the dataset manifest"
                 )
+        if self.repeated_aug < 1:
+            raise ValueError(f"data.repeated_aug must be >= 1 (1: off, DeiT uses 3), got {self.repeated_aug}")
+        if self.repeated_aug > 1 and self.shard_split != "samples":
+            raise ValueError(f"data.repeated_aug={self.repeated_aug} needs data.shard_split=samples (got "
+                             f"{self.shard_split}): the repeats are placed by sample position")
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise ValueError(f"data.batch_size={self.batch_size} is odd, but mixup/cutmix pair each sample with the "
+                             f"batch reversed; set data.batch_size={self.batch_size + 1} or data.mixup=data.cutmix=0")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"data.std must be > 0 per channel, got {self.std}")
         return self

@@ -73,6 +73,8 @@ def _spec(cfg: DataConfig, shards, manifest, *, seed, epoch, dp_rank, dp_size, s
         crop_scale=tuple(cfg.train_crop_scale), crop_ratio=tuple(cfg.train_crop_ratio), hflip=cfg.hflip,
         eval_crop_pct=cfg.eval_crop_pct, interpolation=cfg.interpolation, on_error=cfg.on_error,
         max_logged_errors=cfg.max_logged_errors, num_classes=bound, classes_from=classes_from,
+        repeated_aug=cfg.repeated_aug,
+        augment=(cfg.auto_augment, cfg.color_jitter, cfg.three_augment, cfg.reprob, cfg.remode),
         start_step=start_step, cursors=tuple(cursors),
     )
 
@@ -97,6 +99,9 @@ class TrainLoader:
 
     def __init__(self, cfg: DataConfig, *, dp_rank: int, dp_size: int, seed: int, num_classes: int | None = None):
         _check_rank(dp_rank, dp_size)
+        if cfg.repeated_aug > dp_size:
+            raise DataError(f"data.repeated_aug={cfg.repeated_aug} repeats each sample on that many different ranks, "
+                            f"but there are {dp_size} data-parallel ranks; set data.repeated_aug <= {dp_size} (1: off)")
         self.cfg, self.dp_rank, self.dp_size, self.seed = cfg, dp_rank, dp_size, seed
         self.num_classes = num_classes  # the model's: labels outside it are bad samples, not an IndexError
         self.shards, self.manifest = list_shards(cfg.train, cfg.manifest, cfg.on_error, allow_pipe=cfg.allow_pipe,

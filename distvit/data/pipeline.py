@@ -52,6 +52,8 @@ class StreamSpec:
     on_error: str
     max_logged_errors: int
     num_classes: int | None
+    repeated_aug: int = 1  # DeiT's repeated augmentation: each sample on this many ranks per epoch
+    augment: tuple = ()  # (auto_augment, color_jitter, three_augment, reprob, remode); () for none
     start_step: int = 0  # batches of this epoch the rank has already consumed
     cursors: tuple = field(default=())  # per logical worker: dict or None
     classes_from: str = "the manifest's classes"  # where num_classes came from, for the bad-label message
@@ -90,7 +92,7 @@ class TrainStream(IterableDataset):
         w = logical_worker(s.start_step, s.num_workers)
         plan = train_plan(list(s.shards), seed=s.seed, epoch=s.epoch, shuffle=s.shuffle, split=s.shard_split,
                           dp_rank=s.dp_rank, dp_size=s.dp_size, num_workers=s.num_workers,
-                          batch_size=s.batch_size, steps=s.steps)[w]
+                          batch_size=s.batch_size, steps=s.steps, repeats=s.repeated_aug)[w]
         cursor = s.cursors[w] if s.cursors else None
         return WorkerStream(s, w, plan, cursor).batches()
 
@@ -100,7 +102,7 @@ class WorkerStream:
         self.s, self.worker, self.plan = spec, worker, plan
         self.bad = BadSampleLog(spec.on_error, spec.max_logged_errors, f"rank {spec.dp_rank} worker {worker}")
         self.transform = TrainTransform(spec.img_size, spec.in_chans, spec.crop_scale, spec.crop_ratio,
-                                        spec.hflip, spec.interpolation)
+                                        spec.hflip, spec.interpolation, spec.augment, spec.mean)
         self.normalize = Normalize(spec.mean, spec.std)
         done = batches_done(spec.start_step, worker, spec.num_workers)
         if cursor is None:
@@ -131,7 +133,7 @@ class WorkerStream:
         if c["good"] >= quota:
             return
         total = sum(sh.samples for sh in s.shards)
-        images, labels = [], []
+        images, labels, rngs = [], [], []
         resume = c["taken"] > 0 or c["batches"] > 0
         overflow = bool(c["overflow"])
         reader = self._reader(overflow, (c["piece"], c["item"]))
@@ -162,9 +164,11 @@ class WorkerStream:
                 try:
                     img = decode_image(item, s.in_chans)
                     label = read_label(item, s)
-                    rng = sample_rng(s.seed, s.epoch, item.get("__url__", ""), item["__key__"])
+                    # With repeated augmentation each rank draws its own augmentation of a shared sample.
+                    key = item["__key__"] if s.repeated_aug == 1 else f"{item['__key__']}\0{s.dp_rank}"
+                    rng = sample_rng(s.seed, s.epoch, item.get("__url__", ""), key)
                     images.append(self.transform(img, rng))
-                    labels.append(label)
+                    labels.append(label), rngs.append(rng)
                 except BadSample as exc:
                     self.bad.report(item.get("__url__", "?"), item.get("__key__"), exc.reason)
                     taken_since_good += 1
@@ -178,8 +182,9 @@ class WorkerStream:
                 if len(images) == s.batch_size:
                     c["batches"] += 1
                     c["bad"] = self.bad.count
-                    yield self.normalize(images), torch.tensor(labels, dtype=torch.int64), dict(c)
-                    images, labels = [], []
+                    yield (self.transform.finish(self.normalize(images), rngs), torch.tensor(labels, dtype=torch.int64),
+                           dict(c))
+                    images, labels, rngs = [], [], []
                     if c["good"] >= quota:
                         return
             c["block"] += 1  # the next block starts where this one's reading stopped

@@ -217,15 +217,22 @@ class WorkerPlan:
 
 def train_plan(
     shards: list[Shard], *, seed: int, epoch: int, shuffle: bool, split: str,
-    dp_rank: int, dp_size: int, num_workers: int, batch_size: int, steps: int,
+    dp_rank: int, dp_size: int, num_workers: int, batch_size: int, steps: int, repeats: int = 1,
 ) -> list[WorkerPlan]:
-    """One plan per logical worker of `dp_rank` for `epoch`."""
+    """One plan per logical worker of `dp_rank` for `epoch`.
+
+    repeats > 1 (data.repeated_aug, DeiT's RASampler; split="samples" only): the epoch reads the first
+    D = dp_size * S / repeats samples of its sequence (S = steps x batch per rank), and rank r the S
+    positions from r * S / repeats, cyclically within D, so every one of them is read by `repeats`
+    consecutive, different ranks (exactly when repeats divides S); each rank still makes `steps` batches."""
     order = epoch_order(shards, seed, epoch, shuffle)
+    if repeats > 1:
+        order = repeated_order(order, dp_size * steps * batch_size, repeats)
     quotas = [b * batch_size for b in worker_batches(steps, num_workers)]
     total = sum(s.samples for s in order)
     plans = []
     if split == "samples":
-        start = dp_rank * steps * batch_size
+        start = dp_rank * steps * batch_size // repeats
         for w in range(num_workers):
             plans.append(WorkerPlan(pieces_for_range(order, start, quotas[w]), quotas[w],
                                     (start + quotas[w]) % total, tuple(order), None))
@@ -245,6 +252,17 @@ def train_plan(
         offset = (dp_rank * num_workers + w) * total // max(1, dp_size * num_workers)
         plans.append(WorkerPlan(primary, quotas[w], offset, tuple(order), tuple(own) if own else None))
     return plans
+
+
+def repeated_order(order: list[Shard], global_samples: int, repeats: int) -> list[Shard]:
+    """The first ceil(global_samples / repeats) samples of the epoch's sequence, as (possibly cut) shards."""
+    left, out = -(-global_samples // repeats), []
+    for s in order:
+        if left <= 0:
+            break
+        out.append(Shard(s.url, min(s.samples, left)))
+        left -= out[-1].samples
+    return out
 
 
 def steps_per_epoch(total: int, dp_size: int, batch_size: int, drop_last: bool, what: str) -> int:

@@ -94,17 +94,41 @@ def center_box(width: int, height: int, size: int, crop_pct: float) -> tuple[flo
 
 
 class TrainTransform:
-    def __init__(self, size: int, in_chans: int, scale, ratio, hflip: float, interpolation: str):
+    """Crop, flip, then (data.auto_augment / color_jitter / three_augment) the PIL stage of
+    distvit.data.augment; random erasing runs on the normalized batch in `finish`, as timm's does.
+    Every draw comes from the sample's own generator, in that order."""
+
+    def __init__(self, size: int, in_chans: int, scale, ratio, hflip: float, interpolation: str,
+                 augment: tuple = (), mean=(0.5,)):
         self.size, self.in_chans = size, in_chans
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
         self.resample = RESAMPLE[interpolation]
+        auto_augment, color_jitter, three_augment, reprob, remode = augment or (None, None, False, 0.0, "pixel")
+        from distvit.data.augment import RandomErasing, build_augment
+
+        self.augment = build_augment(auto_augment, color_jitter, three_augment, img_size=size, mean=mean,
+                                     interpolation=interpolation, in_chans=in_chans)
+        self.erase = RandomErasing(reprob, remode) if reprob > 0 else None
 
     def __call__(self, img: Image.Image, rng: random.Random) -> np.ndarray:
         box = random_resized_box(img.width, img.height, self.scale, self.ratio, rng)
         out = img.resize((self.size, self.size), self.resample, box=box)
         if self.hflip and rng.random() < self.hflip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.augment is not None:
+            from distvit.data.augment import Draws
+
+            out = self.augment(out, Draws.from_rng(rng))
         return np.asarray(out)
+
+    def finish(self, batch: torch.Tensor, rngs: list[random.Random]) -> torch.Tensor:
+        """Random erasing on the normalized [B, C, H, W] batch, each sample from its own generator."""
+        if self.erase is not None:
+            from distvit.data.augment import Draws
+
+            for i, rng in enumerate(rngs):
+                self.erase(batch[i], Draws(rng, None))
+        return batch
 
 
 class EvalTransform:

@@ -73,8 +73,10 @@ def build_ds_config(cfg: Config, device: torch.device, *, elements_per_rank: int
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
     }
-    if cfg.optim.grad_clip is not None:
-        ds["gradient_clipping"] = cfg.optim.grad_clip
+    # Always explicit: DeepSpeed 0.19 clips at norm 1.0 when the key is absent (GRADIENT_CLIPPING_DEFAULT),
+    # so grad_clip=null (and clip_mode=value, which engine/optim.py applies) must say 0 (off) here.
+    norm_clip = cfg.optim.grad_clip is not None and cfg.optim.clip_mode == "norm"
+    ds["gradient_clipping"] = cfg.optim.grad_clip if norm_clip else 0.0
     if cfg.parallel.deepspeed_extra:
         ds = merge_user_json(ds, cfg.parallel.deepspeed_extra)
     param_device = (ds["zero_optimization"].get("offload_param") or {}).get("device", "none")

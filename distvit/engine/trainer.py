@@ -30,10 +30,12 @@ from distvit.checkpoint import io as ckio
 from distvit.checkpoint.reshape import COMMON_STATE, is_reshaped, is_universal
 from distvit.config import Config, ConfigError, save_config
 from distvit.data import build_train_loader, build_val_loader, read_manifest
+from distvit.data.mixup import build_mixer
 from distvit.engine import distill
 from distvit.engine.deepspeed_config import build_ds_config, resolve_precision
+from distvit.engine.loss import cross_entropy
 from distvit.engine.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
-from distvit.engine.optim import build_optimizer
+from distvit.engine.optim import build_optimizer, freeze_parameters
 from distvit.engine.schedule import build_scheduler
 
 
@@ -109,6 +111,8 @@ class Trainer:
         # Identical initial weights on every rank (ZeRO-3 partitions whatever each rank built).
         seed_all(cfg.run.seed)
         model = build_model(cfg)
+        if cfg.model.freeze:
+            log0(f"model.freeze: {freeze_parameters(model, cfg.model.freeze)} parameter tensors frozen")
         if cfg.parallel.activation_checkpointing:
             model.set_grad_checkpointing(True)
         self.flops_per_image = float(model.flops_per_image()) if hasattr(model, "flops_per_image") else None
@@ -120,6 +124,8 @@ class Trainer:
             # averages over dp in its one reduction, and ZeRO shards over dp x sp (docs/sequence_parallel.md).
             parallelize_sequence(model, self.mesh, impl=cfg.parallel.sp_impl, grad_sync="partial")
 
+        if cfg.run.compile:  # in place: parameter names and DeepSpeed's hooks stay as they are
+            model.compile()
         classes = getattr(model, "num_classes", None)  # labels outside the head are bad samples, not IndexError
         self.train_loader = build_train_loader(cfg.data, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size,
                                                seed=cfg.run.seed, num_classes=classes)
@@ -151,6 +157,7 @@ class Trainer:
         scheduler = build_scheduler(
             optimizer, total_steps=self.total_steps, warmup_steps=cfg.schedule.warmup_steps,
             kind=cfg.schedule.kind, peak_lr=cfg.optim.lr, min_lr=cfg.schedule.min_lr,
+            decay_fraction=cfg.schedule.decay_fraction,
         )
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
@@ -165,6 +172,7 @@ class Trainer:
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         # A frozen teacher beside the engine (never wrapped by DeepSpeed), in the student's precision.
         self.distiller = distill.build_distiller(cfg, self.engine.module, self.device, self.input_dtype)
+        self.mixer = build_mixer(cfg.data, self.engine.module.num_classes)  # None without mixup / cutmix
 
         self.step = 0
         self.epoch = 0
@@ -337,15 +345,17 @@ class Trainer:
         engine = self.engine
         loss_sum = torch.zeros((), dtype=torch.float64)
         images_seen = 0
-        for _ in range(self.cfg.parallel.grad_accum):
+        for micro in range(self.cfg.parallel.grad_accum):
             images, labels = next(batches)
             images = images.to(self.device, dtype=self.input_dtype, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
+            if self.mixer is not None:  # soft targets; the same mix on every sp rank of this dp rank
+                images, labels = self.mixer(images, labels, self.mixer.draws(self.cfg.run.seed, self.step, micro, self.mesh.dp_rank))
             logits = engine(images)
             if self.distiller is not None:
                 loss = self.distiller.loss(images, logits, labels)
             else:
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
+                loss = cross_entropy(logits, labels, label_smoothing=self.cfg.optim.label_smoothing)
             if _fault_armed("nan_loss", self.step + 1):
                 loss = loss * float("nan")
             engine.backward(loss)

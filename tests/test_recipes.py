@@ -1,0 +1,53 @@
+"""The recipe configs (configs/recipes/*.yaml) parse, state their source and top-1, and print resolved."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distvit.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
+EXPECTED = {  # recipe: (model, global batch on 8 GPUs, top-1 stated)
+    "deit_small_imagenet": ("deit_small_patch16_224", 1024, "79.8"),
+    "deit_base_imagenet": ("deit_base_patch16_224", 1024, "81.8"),
+    "vit_base_patch16_finetune": ("vit_base_patch16_224", 1024, "83.6"),
+    "deit3_base_imagenet": ("deit3_base_patch16_224", 2048, "83.8"),
+    "swin_tiny_imagenet": ("swin_tiny_patch4_window7_224", 1024, "81.2"),
+}
+
+
+def test_every_recipe_is_there():
+    assert sorted(p.stem for p in RECIPES) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_parses_and_states_source_and_top1(path):
+    cfg = load_config(path)
+    model, batch, top1 = EXPECTED[path.stem]
+    assert cfg.model.name == model
+    assert cfg.data.batch_size * cfg.parallel.grad_accum * 8 == batch
+    text = path.read_text()
+    assert re.search(r"# Source: .+\d{4}", text) and f"Published top-1: {top1}" in text
+    assert "8 GPUs:" in text and "64 GPUs:" in text
+    # every 64-GPU command keeps the global batch
+    sets = dict(s.split("=") for s in re.findall(r"--set (\S+)", text.split("64 GPUs:")[1].splitlines()[0]))
+    cfg64 = load_config(path, [f"{k}={v}" for k, v in sets.items()])
+    assert cfg64.data.batch_size * cfg64.parallel.grad_accum * 64 == batch
+    # the docs table names the recipe and its top-1
+    assert re.search(rf"\| `{path.stem}` .*\| {re.escape(top1)} ", (ROOT / "docs" / "recipes.md").read_text())
+
+
+def test_print_config_of_a_recipe():
+    out = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", "recipes/deit_small_imagenet",
+                          "--print-config"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed = yaml.safe_load(out.stdout)
+    assert printed["data"]["auto_augment"] == "rand-m9-mstd0.5-inc1" and printed["data"]["mixup"] == 0.8
+    assert printed["optim"]["label_smoothing"] == 0.1 and printed["model"]["drop_path_rate"] == 0.1
