@@ -51,6 +51,24 @@ def test_dynamic_img_size_matches_timm_on_non_square_inputs(timm_module, name, e
             torch.testing.assert_close(ours(x), theirs(x), **TOL)
 
 
+@pytest.mark.parametrize("flag", ["strict_img_size", "dynamic_img_size"])
+def test_swin_window_padded_sizes_match_timm(timm_module, flag):
+    # Built for 64 px (16x16 grid, windows of 4). 48x80: grid 12x20, then 6x10 at stage 2 (padded to 8x12);
+    # 40x24: grid 10x6 (padded to 12x8), then 5x3 (padded to 8x4). The shift masks are built per input.
+    kw = dict(img_size=64, depths=(2, 2), num_heads=(2, 4), embed_dim=32, window_size=4, num_classes=5,
+              **{flag: flag == "dynamic_img_size"})
+    theirs = randomize_(timm_module.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kw)).eval()
+    ours = models.create("swin_tiny_patch4_window7_224", **kw).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    for h, w in [(48, 80), (40, 24), (64, 64)]:
+        x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h + w))
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x), **TOL)
+    strict = models.create("swin_tiny_patch4_window7_224", **{**kw, flag: flag != "dynamic_img_size"})
+    with pytest.raises(ValueError, match="expected"):
+        strict(torch.randn(1, 3, 48, 80))
+
+
 def test_fixed_size_model_rejects_other_sizes_and_dynamic_rejects_non_multiples():
     fixed = models.create("vit_small_patch16_224", img_size=32, **SMALL)
     with pytest.raises(ValueError, match="dynamic_img_size=True"):
