@@ -118,7 +118,8 @@ class Trainer:
 
             # "partial": no gradient all-reduce over sp inside backward; DeepSpeed sums over sp and
             # averages over dp in its one reduction, and ZeRO shards over dp x sp (docs/sequence_parallel.md).
-            parallelize_sequence(model, self.mesh, impl=cfg.parallel.sp_impl, grad_sync="partial")
+            parallelize_sequence(model, self.mesh, impl=cfg.parallel.sp_impl, grad_sync="partial",
+                                 ulysses_size=cfg.parallel.ulysses_size)
 
         self.train_loader = build_train_loader(cfg.data, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size, seed=cfg.run.seed)
         self.val_loader = (

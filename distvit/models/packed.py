@@ -117,18 +117,18 @@ def embed(model, packed, layout: TokenLayout) -> torch.Tensor:
     S, T = layout.seq_ids.shape
     pos, offsets = _pos_table(model, packed)
     x = pos.new_zeros(S, T, model.embed_dim)
+    # No `if any tokens` shortcuts: every parameter stays in the graph even when this rank (sequence
+    # parallel) holds no patch or no prefix token, so its gradient hook runs on every rank alike.
     s_idx, t_idx = torch.nonzero(layout.patch_src >= 0, as_tuple=True)
-    if s_idx.numel():
-        slot = layout.patch_src[s_idx, t_idx]
-        img = layout.seq_ids[s_idx, t_idx]
-        rc = packed.positions[s_idx, slot]
-        flat = offsets[img] + rc[:, 0] * packed.grid_sizes.to(rc.device)[img, 1] + rc[:, 1]
-        w = pe.proj.weight.flatten(1)
-        values = F.linear(packed.patches[s_idx, slot].to(w.dtype), w, pe.proj.bias) + pos[flat]
-        x = x.index_put((s_idx, t_idx), values)
+    slot = layout.patch_src[s_idx, t_idx]
+    img = layout.seq_ids[s_idx, t_idx]
+    rc = packed.positions[s_idx, slot]
+    flat = offsets[img] + rc[:, 0] * packed.grid_sizes.to(rc.device)[img, 1] + rc[:, 1]
+    w = pe.proj.weight.flatten(1)
+    values = F.linear(packed.patches[s_idx, slot].to(w.dtype), w, pe.proj.bias) + pos[flat]
+    x = x.index_put((s_idx, t_idx), values)
     s_idx, t_idx = torch.nonzero(layout.prefix_k >= 0, as_tuple=True)
-    if s_idx.numel():
-        x = x.index_put((s_idx, t_idx), _prefix_table(model)[layout.prefix_k[s_idx, t_idx]])
+    x = x.index_put((s_idx, t_idx), _prefix_table(model)[layout.prefix_k[s_idx, t_idx]])
     return model.pos_drop(x)
 
 
@@ -140,8 +140,7 @@ def pool(model, x: torch.Tensor, layout: TokenLayout):
     N, P, D = layout.num_images, layout.num_prefix, x.shape[-1]
     prefix = x.new_zeros(N, P, D)
     s_idx, t_idx = torch.nonzero(layout.prefix_k >= 0, as_tuple=True)
-    if s_idx.numel():
-        prefix = prefix.index_put((layout.seq_ids[s_idx, t_idx], layout.prefix_k[s_idx, t_idx]), x[s_idx, t_idx])
+    prefix = prefix.index_put((layout.seq_ids[s_idx, t_idx], layout.prefix_k[s_idx, t_idx]), x[s_idx, t_idx])
     s_idx, t_idx = torch.nonzero(layout.patch_src >= 0, as_tuple=True)
     sums = x.new_zeros(N, D).index_add(0, layout.seq_ids[s_idx, t_idx], x[s_idx, t_idx])
     return prefix, sums
