@@ -207,3 +207,36 @@ def test_segment_pieces_are_the_shared_runs_only():
     k_ids = torch.tensor([1, 1, 2, 2, -1, -1])
     assert segment_pieces(q_ids, k_ids) == [(2, 5, 0, 2)]
     assert segment_pieces(torch.tensor([3, 3]), torch.tensor([4, 4])) == []  # the block is skipped
+
+
+def test_max_images_per_seq_one_is_the_padded_layout():
+    imgs = _images([(32, 48), (16, 16), (48, 32)])
+    padded = pack(imgs, 16, max_tokens=8, max_images_per_seq=1)
+    assert padded.num_sequences == 3 and padded.seq_lens.tolist() == [6, 1, 6]
+    assert padded.useful_fraction() == pytest.approx(13 / 18)
+    assert pack(imgs, 16, max_tokens=8, max_images_per_seq=2).seq_lens.tolist() == [7, 6]
+
+
+def test_target_size_native_and_random_res():
+    from distvit.data.packing import resize_for_packing, target_size
+
+    assert target_size(480, 640, 16, 64, 256) == (192, 256)          # longer side down to 256, aspect kept
+    assert target_size(30, 40, 16, 64, 256) == (64, 80)              # shorter side up to 64
+    assert target_size(20, 800, 16, 64, 256) == (16, 256)            # both cannot hold: the max side wins
+    draws = [target_size(480, 640, 16, 64, 256, "random_res", torch.Generator().manual_seed(s)) for s in range(20)]
+    assert all(h % 16 == 0 and w % 16 == 0 and 64 <= w <= 256 for h, w in draws)
+    assert len(set(draws)) > 3
+    again = [target_size(480, 640, 16, 64, 256, "random_res", torch.Generator().manual_seed(s)) for s in range(20)]
+    assert draws == again  # seeded per sample: a resumed stream draws the same sizes
+    assert resize_for_packing(torch.rand(3, 480, 640), 16, 64, 256).shape == (3, 192, 256)
+    with pytest.raises(ValueError, match=r"data.packing.resize='crop'; choose one of native, random_res"):
+        target_size(10, 10, 16, 64, 256, "crop")
+
+
+def test_collate_packed_keeps_labels_in_input_order():
+    from distvit.data.packing import collate_packed
+
+    imgs = _images([(32, 32), (16, 48), (16, 16)])
+    packed, labels = collate_packed(list(zip(imgs, [4, 1, 9])), 16, max_tokens=5)
+    assert labels.tolist() == [4, 1, 9] and packed.num_images == 3
+    assert packed.image_slots.tolist() == [[0, 0], [1, 0], [0, 4]]

@@ -86,8 +86,12 @@ def _check(images, patch_size, max_tokens):
     return chans
 
 
-def pack(images, patch_size, max_tokens: int) -> PackedBatch:
-    """Pack a list of (C, H, W) images into sequences of at most max_tokens patches; see the module doc."""
+def pack(images, patch_size, max_tokens: int, max_images_per_seq: int | None = None) -> PackedBatch:
+    """Pack a list of (C, H, W) images into sequences of at most max_tokens patches; see the module doc.
+
+    max_images_per_seq: at most this many images per sequence (1: the padded baseline, one image
+    per row padded to the longest).
+    """
     patch_size = _pair(patch_size)
     if max_tokens < 1:
         raise ValueError(f"pack: max_tokens={max_tokens} must be >= 1")
@@ -98,7 +102,7 @@ def pack(images, patch_size, max_tokens: int) -> PackedBatch:
     fill: list[int] = []
     for i, n in enumerate(sizes):  # first fit, input order
         for r, used in enumerate(fill):
-            if used + n <= max_tokens:
+            if used + n <= max_tokens and (max_images_per_seq is None or len(rows[r]) < max_images_per_seq):
                 rows[r].append(i)
                 fill[r] += n
                 break
@@ -130,3 +134,48 @@ def pack(images, patch_size, max_tokens: int) -> PackedBatch:
     return PackedBatch(patches=patches, positions=positions.to(ref.device), image_ids=image_ids.to(ref.device),
                        seq_lens=torch.tensor(fill), cu_seqlens=cu, grid_sizes=torch.tensor(grids),
                        image_slots=slots, patch_size=patch_size, in_chans=chans)
+
+
+# --- resizing and collation for the loader (data.packing: {max_tokens, min_side, max_side, resize}) ----------
+
+RESIZE_MODES = ("native", "random_res")
+
+
+def target_size(h: int, w: int, patch: int, min_side: int, max_side: int, mode: str = "native",
+                generator: torch.Generator | None = None) -> tuple[int, int]:
+    """The (H, W) an h x w image is resized to before packing, both multiples of `patch`.
+
+    native: keep the aspect ratio; scale down so the longer side is at most max_side, up so the
+    shorter side is at least min_side (the longer-side bound wins when both cannot hold); each
+    side is then rounded to the nearest multiple of the patch (at least one patch).
+    random_res: as native with the longer-side bound drawn uniformly from the patch multiples in
+    [min_side, max_side] by `generator` (NaViT's resolution sampling; seed the generator per sample
+    for a reproducible, resumable stream).
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"data.packing.resize={mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+    if not 0 < min_side <= max_side:
+        raise ValueError(f"data.packing: min_side={min_side}, max_side={max_side}; need 0 < min_side <= max_side")
+    bound = max_side
+    if mode == "random_res":
+        choices = list(range(-(-min_side // patch) * patch, max_side + 1, patch)) or [max_side]
+        bound = choices[int(torch.randint(len(choices), (1,), generator=generator))]
+    scale = min(bound / max(h, w), max(1.0, min_side / min(h, w)))
+    return tuple(max(patch, int(round(s * scale / patch)) * patch) for s in (h, w))
+
+
+def resize_for_packing(image: torch.Tensor, patch: int, min_side: int, max_side: int, mode: str = "native",
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """(C, h, w) -> (C, H, W) at target_size (bilinear, antialiased when shrinking)."""
+    size = target_size(image.shape[1], image.shape[2], patch, min_side, max_side, mode, generator)
+    if size == tuple(image.shape[1:]):
+        return image
+    out = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False,
+                                          antialias=size[0] < image.shape[1] or size[1] < image.shape[2])
+    return out[0].to(image.dtype)
+
+
+def collate_packed(samples, patch_size, max_tokens: int):
+    """[(image (C, H, W), label), ...] -> (PackedBatch, labels (N,)), labels in input order."""
+    images, labels = zip(*samples)
+    return pack(list(images), patch_size, max_tokens), torch.as_tensor(labels)
