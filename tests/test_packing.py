@@ -240,3 +240,16 @@ def test_collate_packed_keeps_labels_in_input_order():
     packed, labels = collate_packed(list(zip(imgs, [4, 1, 9])), 16, max_tokens=5)
     assert labels.tolist() == [4, 1, 9] and packed.num_images == 3
     assert packed.image_slots.tolist() == [[0, 0], [1, 0], [0, 4]]
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "deit_small_distilled_patch16_224"])
+def test_packed_flops_count_real_tokens_only(name):
+    from distvit.models.packed import packed_flops
+
+    model = models.create(name, img_size=32, dynamic_img_size=True, **SMALL)
+    native = _images([(32, 32)] * 3)
+    assert packed_flops(model, pack(native, 16, max_tokens=8)) == 3 * model.flops_per_image()
+    # Padding and the other images' tokens add nothing: one 16x16 image alone in a 4-slot row.
+    one = packed_flops(model, pack(_images([(16, 16)]), 16, max_tokens=4))
+    both = packed_flops(model, pack(_images([(16, 16), (32, 32)]), 16, max_tokens=8))
+    assert both == one + model.flops_per_image()

@@ -156,3 +156,25 @@ def forward_packed(model, packed) -> torch.Tensor:
     x = model.forward_blocks(embed(model, packed, layout), seq_ids=layout.seq_ids)
     prefix, sums = pool(model, x, layout)
     return model.forward_pooled(prefix, sums / patch_counts(packed, sums))
+
+
+def packed_flops(model, packed) -> int:
+    """Forward FLOPs of forward_packed on real tokens only (padding slots and cross-image pairs excluded).
+
+    As VisionTransformer.flops_per_image, per image i with n_i = prefix + patches tokens: the
+    per-token matmuls over n_i tokens, attention over its own n_i^2 pairs (what a varlen kernel
+    computes), the patch projection, the head(s). For an image at the model's own size it equals
+    flops_per_image(), so MFU from it counts the useful work of a packed step.
+    """
+    d = model.embed_dim
+    pe = model.patch_embed
+    patch_flops = 2 * pe.in_chans * pe.patch_size[0] * pe.patch_size[1] * d
+    heads = [h for h in (model.head, getattr(model, "head_dist", None)) if isinstance(h, torch.nn.Linear)]
+    total = 0
+    for gh, gw in packed.grid_sizes.tolist():
+        n = model.num_prefix_tokens + gh * gw
+        total += gh * gw * patch_flops + sum(2 * d * h.out_features for h in heads)
+        for blk in model.blocks:
+            hidden = blk.mlp.fc1.out_features
+            total += 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * hidden
+    return total
