@@ -253,3 +253,20 @@ def test_packed_flops_count_real_tokens_only(name):
     one = packed_flops(model, pack(_images([(16, 16)]), 16, max_tokens=4))
     both = packed_flops(model, pack(_images([(16, 16), (32, 32)]), 16, max_tokens=8))
     assert both == one + model.flops_per_image()
+
+
+def test_drop_path_on_packed_rows_draws_one_mask_per_image():
+    from distvit.models.layers import DropPath
+
+    drop = DropPath(0.5).train()
+    ids = torch.tensor([[0, 0, 0, 1, 1, -1], [2, 2, 3, 3, 3, 3]])
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        out = drop(torch.ones(2, 6, 3), ids)
+        for b, row in enumerate(ids.tolist()):
+            for i in set(row):
+                vals = out[b, torch.tensor(row) == i].unique().tolist()
+                assert vals in ([0.0], [2.0]) if i >= 0 else vals == [2.0]  # whole image dropped or kept; pads kept
+        seen.add((out[0, 0, 0].item(), out[0, 3, 0].item()))
+    assert len(seen) == 4  # images of one row are dropped independently

@@ -126,13 +126,13 @@ VIT_CASES = {
 }
 
 
-def _vit(heads, pool, class_token):
+def _vit(heads, pool, class_token, **kw):
     from distvit.models.vit import VisionTransformer
 
     torch.manual_seed(0)
     return VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=5, embed_dim=32, depth=2,
                              num_heads=heads, mlp_ratio=2.0, global_pool=pool, class_token=class_token,
-                             dynamic_img_size=True)
+                             dynamic_img_size=True, **kw)
 
 
 def _packed():
@@ -157,6 +157,11 @@ def _vit_worker(rank, world, port, out_dir):
             logits = model.forward_packed(packed)
             torch.nn.functional.cross_entropy(logits, labels).backward()
             results[case] = {"logits": logits.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}}
+        # Stochastic depth on packed rows: one mask per image, shared by the group, so the logits agree.
+        model = parallelize_sequence(_vit(4, "token", True, drop_path_rate=0.5), group, "ring")
+        with torch.no_grad():
+            results["dropped"] = model.train().forward_packed(_packed()[0])
+            results["eval"] = model.eval().forward_packed(_packed()[0])
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -180,6 +185,9 @@ def _check_vit(tmp_path, world):
                     torch.testing.assert_close(g, p.grad, **TOL, msg=lambda m: f"{case} {name}: {m}")
             else:
                 torch.testing.assert_close(sum(grads), p.grad, **TOL, msg=lambda m: f"{case} {name}: {m}")
+    for r in ranks[1:]:
+        assert torch.equal(r["dropped"], ranks[0]["dropped"])
+    assert not torch.allclose(ranks[0]["dropped"], ranks[0]["eval"])  # something was dropped
 
 
 @pytest.mark.multirank

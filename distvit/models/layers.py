@@ -143,15 +143,26 @@ class DropPath(nn.Module):
             raise ValueError(f"DropPath: drop_prob={drop_prob} must be in [0, 1)")
         self.drop_prob = drop_prob
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """seq_ids (B, T) or (T,): packed sequences; the mask is then drawn per image, not per row."""
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep = 1.0 - self.drop_prob
+        if seq_ids is not None:
+            per_image = x.new_empty(max(1, int(seq_ids.max()) + 1)).bernoulli_(keep)
+            return x * image_mask_to_tokens(per_image, seq_ids, x) / keep
         mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
         return x * mask / keep
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
+
+
+def image_mask_to_tokens(per_image: torch.Tensor, seq_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-image mask (N,) as a per-token mask broadcastable to x (B, T, D); padding (id -1) keeps 1."""
+    ids = seq_ids if seq_ids.dim() == 2 else seq_ids[None]
+    mask = torch.where(ids >= 0, per_image[ids.clamp(min=0)], torch.ones((), dtype=x.dtype, device=x.device))
+    return mask.unsqueeze(-1)
 
 
 class Block(nn.Module):
@@ -173,5 +184,6 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None,
                 seq_ids: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_bias, seq_ids)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        ids = () if seq_ids is None or isinstance(self.drop_path1, nn.Identity) else (seq_ids,)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_bias, seq_ids)), *ids)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))), *ids)

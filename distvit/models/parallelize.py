@@ -21,7 +21,7 @@ The model file stays pure PyTorch; this module rewires an existing VisionTransfo
   group and divided by N. The all-reduce's backward is the identity, which is exact because
   everything after it (fc_norm, head, the loss) runs identically on every rank: every rank
   receives the same, complete gradient of the pooled features.
-- Randomness. Stochastic depth drops whole samples, and head dropout acts on the replicated
+- Randomness. Stochastic depth drops whole samples (packed: whole images), and head dropout acts on the replicated
   pooled features, so their masks must agree over the group: they are drawn on sp rank 0 and
   broadcast. Token dropout (pos_drop, proj_drop) stays independent per token, as it should.
 
@@ -56,7 +56,7 @@ from distvit.attention.hybrid import hybrid_attention, hybrid_groups
 from distvit.attention.sequence_parallel import (
     group_size, local_positions, ring_attention, ulysses_attention,
 )
-from distvit.models.layers import Attention, DropPath, PatchEmbed
+from distvit.models.layers import Attention, DropPath, PatchEmbed, image_mask_to_tokens
 from distvit.models.parallelize_packed import forward_packed as forward_packed_sp
 from distvit.models.vit import VisionTransformer
 
@@ -340,12 +340,15 @@ class _GroupSharedDropPath(nn.Module):
         super().__init__()
         self.drop_prob, self.plan = drop_prob, plan
 
-    def forward(self, x):
+    def forward(self, x, seq_ids=None):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep = 1.0 - self.drop_prob
-        mask = _shared_mask((x.shape[0],) + (1,) * (x.dim() - 1), keep, x, self.plan)
-        return x * mask / keep
+        if seq_ids is not None:  # packed: one mask per image, over the images of every rank's shard
+            n = torch.tensor(int(seq_ids.max()) + 1)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX, group=self.plan.group)
+            return x * image_mask_to_tokens(_shared_mask((max(1, int(n)),), keep, x, self.plan), seq_ids, x) / keep
+        return x * _shared_mask((x.shape[0],) + (1,) * (x.dim() - 1), keep, x, self.plan) / keep
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}, shared over sp={self.plan.sp_size}"
@@ -430,14 +433,8 @@ class SequenceParallelViT:
 def _runs(idx: torch.Tensor):
     """Maximal runs of consecutive integers in a sorted 1-D tensor, as (lo, hi) pairs."""
     values = idx.tolist()
-    runs, start = [], None
-    for i, v in enumerate(values):
-        if start is None:
-            start = v
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            runs.append((start, v + 1))
-            start = None
-    return runs
+    starts = [i for i, v in enumerate(values) if i == 0 or values[i - 1] != v - 1]
+    return [(values[a], values[b - 1] + 1) for a, b in zip(starts, starts[1:] + [len(values)])]
 
 
 _CLASSES: dict[type, type] = {}
