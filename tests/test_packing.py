@@ -270,3 +270,23 @@ def test_drop_path_on_packed_rows_draws_one_mask_per_image():
                 assert vals in ([0.0], [2.0]) if i >= 0 else vals == [2.0]  # whole image dropped or kept; pads kept
         seen.add((out[0, 0, 0].item(), out[0, 3, 0].item()))
     assert len(seen) == 4  # images of one row are dropped independently
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["sdpa", "flash"])
+def test_cuda_block_diagonal_backends_match_math(backend):
+    from distvit.attention.backends import flash_installed
+
+    if backend == "flash" and not flash_installed():
+        pytest.skip("flash-attn is not installed")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.tensor([[0] * 37 + [1] * 64 + [2] * 20 + [-1] * 7]).cuda()
+    q, k, v, do = (torch.randn(1, 4, 128, 64, generator=g, dtype=torch.float64).cuda() for _ in range(4))
+    ref = _blockwise_reference(q, k, v, ids)
+    q16, k16, v16 = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+    out = attention(q16, k16, v16, seq_ids=ids, backend=backend)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=0)  # bf16 rounding of O(1) values
+    assert out[0, :, 121:].abs().sum() == 0
+    (out.float() * do.float()).sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q16, k16, v16))
