@@ -111,7 +111,8 @@ class ParallelConfig(Section):
     # about 1/8 of a rank's optimizer state, so the update can be split between device and CPU.
     sub_group_size: int | Literal["auto"] = "auto"
     sp_size: int = 1
-    sp_impl: Literal["ulysses", "ring"] = "ulysses"
+    sp_impl: Literal["ulysses", "ring", "hybrid"] = "ulysses"
+    ulysses_size: int | None = None  # sp_impl=hybrid: ranks per Ulysses group (divides sp_size); ring across them
     deepspeed_extra: str | None = None  # a DeepSpeed JSON merged into the generated config
 
     @model_validator(mode="after")
@@ -128,6 +129,12 @@ class ParallelConfig(Section):
             )
         if isinstance(self.offload_gpu_fraction, float) and not 0.0 <= self.offload_gpu_fraction <= 1.0:
             raise ValueError(f"parallel.offload_gpu_fraction must be 'auto' or in [0, 1], got {self.offload_gpu_fraction}")
+        if (self.sp_impl == "hybrid") != (self.ulysses_size is not None):
+            raise ValueError(f"parallel.ulysses_size={self.ulysses_size} with parallel.sp_impl={self.sp_impl}: set "
+                             "ulysses_size (a divisor of sp_size) exactly when sp_impl=hybrid")
+        if self.ulysses_size is not None and (self.ulysses_size < 1 or self.sp_size % self.ulysses_size):
+            raise ValueError(f"parallel.ulysses_size={self.ulysses_size} does not divide parallel.sp_size={self.sp_size}; "
+                             f"choose one of {[d for d in range(1, self.sp_size + 1) if self.sp_size % d == 0]}")
         for name in ("grad_accum", "sp_size", "sub_group_size"):
             if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")

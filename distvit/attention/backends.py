@@ -12,6 +12,13 @@ causal: with Tq != Tk the mask is aligned bottom-right (as flash-attn >= 2.1 and
 bias: an additive float bias broadcastable to (B, H, Tq, Tk) (Swin's relative position bias
     plus its shift mask); -inf entries hide a key. It gets a gradient when it requires one.
 scale: softmax scale, default 1/sqrt(D).
+seq_ids: packed sequences (block-diagonal attention). An integer tensor (Tq,) or (B, Tq) giving
+    each token's segment (image) id; query i sees key j only when their ids are equal and >= 0.
+    Id -1 marks padding: never a visible key; a padding query gets o = 0 (lse = -inf).
+    kv_seq_ids gives the keys' ids when the keys are other tokens than the queries (ring
+    attention's blocks); it defaults to seq_ids (then Tq must equal Tk). The math backend
+    masks the scores; sdpa passes a boolean block mask; flash runs flash_attn_varlen_func on
+    the segments (B = 1, each segment one contiguous run of ids, q and k the same tokens).
 return_lse: also return lse (B, H, Tq), the natural log of the softmax denominator
     (log sum_j exp(s_ij), s including scale and bias), float32 (float64 for float64 inputs).
     Ring attention and the decode merge combine partial results with it (merge.py). A row
@@ -59,10 +66,16 @@ def flash_installed() -> bool:
 
 
 def attention(q, k, v, *, causal: bool = False, bias: torch.Tensor | None = None, scale: float | None = None,
-              backend: str = "auto", return_lse: bool = False):
-    """softmax(q k^T * scale + bias [causal mask]) v; see the module docstring for the contract."""
+              backend: str = "auto", return_lse: bool = False, seq_ids: torch.Tensor | None = None,
+              kv_seq_ids: torch.Tensor | None = None):
+    """softmax(q k^T * scale + bias [causal mask] [block mask]) v; see the module docstring for the contract."""
     _check_inputs(q, k, v, bias)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if seq_ids is not None or kv_seq_ids is not None:
+        from distvit.attention.packed import packed_attention
+
+        return packed_attention(q, k, v, seq_ids, kv_seq_ids, causal=causal, bias=bias, scale=scale,
+                                backend=backend, return_lse=return_lse)
     backend = resolve_backend(backend, q, k, v, bias)
     if backend == "math":
         o, lse = _math(q, k, v, causal, bias, scale)

@@ -41,12 +41,12 @@ import math
 import torch
 import torch.distributed as dist
 
-from distvit.attention.backends import attention, causal_visible
+from distvit.attention.backends import attention
 from distvit.attention.merge import merge_two
+from distvit.attention.packed import gather_ids, ring_pieces
+from distvit.attention.ring_kernels import _piece_backward, _piece_forward
 
 LAYOUTS = ("contiguous", "zigzag")
-# Score elements (batch * heads * rows * keys) per chunk in the ring backward: bounds its memory.
-BACKWARD_BLOCK_ELEMENTS = 1 << 24
 
 
 # --- layouts ------------------------------------------------------------------------------------
@@ -191,28 +191,37 @@ def _ensure_deepspeed_comm():
 
 
 class _LocalAttention(torch.nn.Module):
-    """What DistributedAttention calls between its all-to-alls: (B, T, h, D) in, (B, T, h, D) out."""
+    """What DistributedAttention calls between its all-to-alls: (B, T, h, D) in, (B, T, h, D) out.
 
-    def __init__(self, causal: bool, backend: str, scale: float | None, seq_len: int):
+    seq_ids: the gathered sequence's segment ids (packed sequences), or None. inner: the attention
+    run on the gathered tokens (hybrid: ring attention across the Ulysses groups), or None.
+    """
+
+    def __init__(self, causal: bool, backend: str, scale: float | None, seq_len: int, seq_ids=None, inner=None):
         super().__init__()
         self.causal, self.backend, self.scale, self.seq_len = causal, backend, scale, seq_len
+        self.seq_ids, self.inner = seq_ids, inner
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, *args, **kwargs):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if not self.causal and self.seq_len < k.shape[2]:
+        if self.inner is not None:
+            return self.inner(q, k, v, self.seq_ids).transpose(1, 2)
+        if self.seq_ids is None and not self.causal and self.seq_len < k.shape[2]:
             # The padding sits at the end of the gathered sequence: drop it from the keys.
             k, v = k[:, :, :self.seq_len], v[:, :, :self.seq_len]
-        o = attention(q, k, v, causal=self.causal, scale=self.scale, backend=self.backend)
+        o = attention(q, k, v, causal=self.causal, scale=self.scale, backend=self.backend, seq_ids=self.seq_ids)
         return o.transpose(1, 2)
 
 
 def ulysses_attention(q, k, v, group=None, *, causal: bool = False, backend: str = "auto",
-                      scale: float | None = None, seq_len: int | None = None):
+                      scale: float | None = None, seq_len: int | None = None, seq_ids=None, _inner=None):
     """All-to-all sequence parallelism (DeepSpeed-Ulysses) in the contiguous layout.
 
     q, k, v: (B, H, T_local, D), rank r holding tokens [r*T_local, (r+1)*T_local) of the padded
     sequence; seq_len: the real token count when the sequence was padded (see the module doc).
-    H must be divisible by the group size: each rank attends over H/world whole heads.
+    seq_ids (T_local,) or (B, T_local): this rank's segment ids of a packed sequence (-1 padding);
+    attention is then block-diagonal per id. H must be divisible by the group size: each rank
+    attends over H/world whole heads.
     """
     world = group_size(group)
     real = _check_qkv("ulysses_attention", q, k, v, world, seq_len, "contiguous")
@@ -224,7 +233,8 @@ def ulysses_attention(q, k, v, group=None, *, causal: bool = False, backend: str
             f"rank heads/sp whole heads); use an sp size that divides {heads} ({divisors}), or ring attention "
             f"(parallel.sp_impl=ring), which splits tokens only and takes any head count"
         )
-    local_attn = _LocalAttention(causal, backend, scale, real)
+    ids = None if seq_ids is None else gather_ids(seq_ids, q, group)
+    local_attn = _LocalAttention(causal, backend, scale, real, ids, _inner)
     if world == 1:
         return local_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     _ensure_deepspeed_comm()
@@ -292,72 +302,9 @@ class _Ring:
             r.wait()
 
 
-def _fused_cpu_pair(q: torch.Tensor, backend: str):
-    """aten's flash-attention-for-cpu kernels (forward with lse; backward from a given o and lse), or None.
-
-    The ring needs both halves of a flash kernel: (o, lse) of a piece, and the gradient of a
-    piece given the FINAL o and lse of its rows. The attention API returns lse (on the CPU by
-    blockwise math) but exposes no such backward; PyTorch ships the fused pair for the CPU, 2-3x
-    faster than math at these sizes. Used where the attention API would pick SDPA on the CPU.
-    """
-    aten = torch.ops.aten
-    if q.device.type != "cpu" or backend not in ("auto", "sdpa") or not hasattr(
-            aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-        return None
-    return aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-def _piece_forward(q, k, v, causal, scale, backend):
-    """(o, lse) of queries q against keys k (causal pieces are square: top-left = bottom-right)."""
-    fused = _fused_cpu_pair(q, backend)
-    if fused is not None:
-        return fused[0](q, k, v, 0.0, causal, scale=scale)
-    return attention(q, k, v, causal=causal, scale=scale, backend=backend, return_lse=True)
-
-
-def _piece_backward(q, k, v, o, do, lse, delta, causal, scale, backend):
-    """dq, dk, dv of one piece given the final o, lse (and delta = rowsum(dO * O)) of its rows."""
-    fused = _fused_cpu_pair(q, backend)
-    if fused is not None:
-        dq, dk, dv = fused[1](do.contiguous(), q, k, v, o.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
-        acc = torch.promote_types(q.dtype, torch.float32)
-        return dq.to(acc), dk.to(acc), dv.to(acc)
-    return _block_grads(q, k, v, o, do, lse, delta, causal, scale)
-
-
-def _block_grads(q, k, v, o, do, lse, delta, causal, scale):
-    """dq, dk, dv of one (query rows, key block) piece given the final o, lse of the rows.
-
-    With P = exp(S - lse) (the final softmax restricted to this block) and delta = rowsum(dO * O):
-    dS = P * (dO V^T - delta), dQ = dS K * scale, dK = dS^T Q * scale, dV = P^T dO. Rows are
-    processed in chunks so the score matrix stays below BACKWARD_BLOCK_ELEMENTS.
-    """
-    acc = torch.promote_types(q.dtype, torch.float32)
-    b, h, tq, _ = q.shape
-    tk = k.shape[2]
-    kf, vf = k.to(acc), v.to(acc)
-    dq = torch.empty(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-    rows = max(1, min(tq, BACKWARD_BLOCK_ELEMENTS // max(1, b * h * tk)))
-    for r0 in range(0, tq, rows):
-        sl = slice(r0, r0 + rows)
-        q_r, do_r = q[:, :, sl].to(acc), do[:, :, sl].to(acc)
-        s = torch.matmul(q_r, kf.transpose(-2, -1)) * scale
-        lse_r = lse[:, :, sl].unsqueeze(-1)
-        p = torch.exp(s - torch.where(torch.isfinite(lse_r), lse_r, torch.zeros_like(lse_r)))
-        if causal:
-            p = p.masked_fill(~causal_visible(r0, q_r.shape[2], tq, tk, q.device), 0.0)
-        ds = p * (torch.matmul(do_r, vf.transpose(-2, -1)) - delta[:, :, sl].unsqueeze(-1))
-        dq[:, :, sl] = torch.matmul(ds, kf) * scale
-        dk += torch.matmul(ds.transpose(-2, -1), q_r) * scale
-        dv += torch.matmul(p.transpose(-2, -1), do_r)
-    return dq, dk, dv
-
-
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, layout, backend, scale, seq_len):
+    def forward(ctx, q, k, v, group, causal, layout, backend, scale, seq_len, tasks=None):
         ring = _Ring(group)
         local = q.shape[2]
         acc = torch.promote_types(q.dtype, torch.float32)
@@ -368,17 +315,20 @@ class _RingAttention(torch.autograd.Function):
             src = (ring.rank - step) % ring.world
             # The next block travels while this one is computed.
             incoming, requests = ring.shift(kv) if step < ring.world - 1 else (None, [])
-            for q_lo, q_hi, k_lo, k_hi, piece_causal in _ring_tasks(layout, causal, ring.rank, src, ring.world, local, seq_len):
-                o_p, lse_p = _piece_forward(q[:, :, q_lo:q_hi], kv[0, :, :, k_lo:k_hi], kv[1, :, :, k_lo:k_hi],
+            pieces = tasks[src] if tasks is not None else _ring_tasks(layout, causal, ring.rank, src, ring.world,
+                                                                       local, seq_len)
+            for piece in pieces:
+                b, q_lo, q_hi, k_lo, k_hi, piece_causal = piece if len(piece) == 6 else (slice(None), *piece)
+                o_p, lse_p = _piece_forward(q[b, :, q_lo:q_hi], kv[0, b, :, k_lo:k_hi], kv[1, b, :, k_lo:k_hi],
                                             piece_causal, scale, backend)
-                o[:, :, q_lo:q_hi], lse[:, :, q_lo:q_hi] = merge_two(
-                    o[:, :, q_lo:q_hi], lse[:, :, q_lo:q_hi], o_p.to(acc), lse_p.to(acc))
+                o[b, :, q_lo:q_hi], lse[b, :, q_lo:q_hi] = merge_two(
+                    o[b, :, q_lo:q_hi], lse[b, :, q_lo:q_hi], o_p.to(acc), lse_p.to(acc))
             ring.wait(requests)
             kv = incoming if incoming is not None else kv
         o = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.group, ctx.causal, ctx.layout, ctx.scale, ctx.seq_len = group, causal, layout, scale, seq_len
-        ctx.backend = backend
+        ctx.backend, ctx.tasks = backend, tasks
         return o
 
     @staticmethod
@@ -396,15 +346,17 @@ class _RingAttention(torch.autograd.Function):
             src = (ring.rank - step) % ring.world
             incoming, requests = ring.shift(kv) if step < ring.world - 1 else (None, [])
             dkv = torch.zeros((2,) + k.shape, dtype=acc, device=q.device)
-            for q_lo, q_hi, k_lo, k_hi, piece_causal in _ring_tasks(ctx.layout, ctx.causal, ring.rank, src, ring.world,
-                                                                     local, ctx.seq_len):
+            pieces = ctx.tasks[src] if ctx.tasks is not None else _ring_tasks(
+                ctx.layout, ctx.causal, ring.rank, src, ring.world, local, ctx.seq_len)
+            for piece in pieces:
+                b, q_lo, q_hi, k_lo, k_hi, piece_causal = piece if len(piece) == 6 else (slice(None), *piece)
                 rows = slice(q_lo, q_hi)
-                dq_p, dk_p, dv_p = _piece_backward(q[:, :, rows], kv[0, :, :, k_lo:k_hi], kv[1, :, :, k_lo:k_hi],
-                                                   o[:, :, rows], do[:, :, rows], lse[:, :, rows], delta[:, :, rows],
+                dq_p, dk_p, dv_p = _piece_backward(q[b, :, rows], kv[0, b, :, k_lo:k_hi], kv[1, b, :, k_lo:k_hi],
+                                                   o[b, :, rows], do[b, :, rows], lse[b, :, rows], delta[b, :, rows],
                                                    piece_causal, ctx.scale, ctx.backend)
-                dq[:, :, rows] += dq_p
-                dkv[0, :, :, k_lo:k_hi] += dk_p
-                dkv[1, :, :, k_lo:k_hi] += dv_p
+                dq[b, :, rows] += dq_p
+                dkv[0, b, :, k_lo:k_hi] += dk_p
+                dkv[1, b, :, k_lo:k_hi] += dv_p
             # Block src's accumulator arrives from the previous rank (which added its part last step).
             ring.wait(dkv_requests)
             if dkv_in is not None:
@@ -414,21 +366,34 @@ class _RingAttention(torch.autograd.Function):
             kv = incoming if incoming is not None else kv
         # After world shifts each accumulator is home: it holds every rank's part of this rank's dK/dV.
         ring.wait(dkv_requests)
-        return (dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None, None, None, None)
+        return (dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None, None, None, None,
+                None)
 
 
 def ring_attention(q, k, v, group=None, *, causal: bool = False, layout: str = "contiguous", backend: str = "auto",
-                   scale: float | None = None, seq_len: int | None = None):
+                   scale: float | None = None, seq_len: int | None = None, seq_ids=None):
     """Ring attention: K/V blocks passed around the ranks of `group`, exact (o, lse) merge.
 
     q, k, v: (B, H, T_local, D), this rank's tokens in `layout` ("contiguous" or "zigzag", see
     the module doc); seq_len: the real token count when the sequence was padded. Any head count.
+    seq_ids (T_local,) or (B, T_local): this rank's segment ids of a packed sequence (-1 padding):
+    only the (query run x key run) rectangles of equal ids are computed, so a block that shares
+    no image with this rank's queries is passed on without any attention work.
     """
     _check_layout(layout)
     world = group_size(group)
     real = _check_qkv("ring_attention", q, k, v, world, seq_len, layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if seq_ids is not None and causal:
+        raise ValueError("ring_attention: seq_ids with causal=True is not supported; packed (block-diagonal) "
+                         "sequences are bidirectional, pass causal=False")
     if world == 1:
+        if seq_ids is not None:
+            return attention(q, k, v, scale=scale, backend=backend, seq_ids=seq_ids)
         keys = real if not causal else k.shape[2]
         return attention(q, k[:, :, :keys], v[:, :, :keys], causal=causal, scale=scale, backend=backend)
-    return _RingAttention.apply(q, k, v, group, causal, layout, backend, scale, real)
+    tasks = None
+    if seq_ids is not None:
+        tasks = ring_pieces(gather_ids(seq_ids, q, group, stack=True), dist.get_rank(group))
+    return _RingAttention.apply(q, k, v, group, causal, layout, backend, scale, real, tasks)
+

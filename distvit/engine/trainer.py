@@ -122,7 +122,8 @@ class Trainer:
 
             # "partial": no gradient all-reduce over sp inside backward; DeepSpeed sums over sp and
             # averages over dp in its one reduction, and ZeRO shards over dp x sp (docs/sequence_parallel.md).
-            parallelize_sequence(model, self.mesh, impl=cfg.parallel.sp_impl, grad_sync="partial")
+            parallelize_sequence(model, self.mesh, impl=cfg.parallel.sp_impl, grad_sync="partial",
+                                 ulysses_size=cfg.parallel.ulysses_size)
 
         if cfg.run.compile:  # in place: parameter names and DeepSpeed's hooks stay as they are
             model.compile()

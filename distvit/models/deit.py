@@ -73,13 +73,14 @@ class DistilledVisionTransformer(VisionTransformer):
         super().reset_classifier(num_classes)
         self.head_dist = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _pos_embed(self, x: torch.Tensor, grid=None) -> torch.Tensor:
         B = x.shape[0]
+        pos = self.pos_embed if grid is None else self.pos_embed_for(grid)
         x = torch.cat([self.cls_token.expand(B, -1, -1), self.dist_token.expand(B, -1, -1), x], dim=1)
-        return self.pos_drop(x + self.pos_embed)
+        return self.pos_drop(x + pos)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        x_cls, x_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
+    def forward_pooled(self, prefix: torch.Tensor, patch_mean: torch.Tensor | None, pre_logits: bool = False):
+        x_cls, x_dist = self.head_drop(prefix[:, 0]), self.head_drop(prefix[:, 1])
         if pre_logits:
             return (x_cls + x_dist) / 2
         x_cls, x_dist = self.head(x_cls), self.head_dist(x_dist)
@@ -111,14 +112,15 @@ class PatchPosEmbedViT(VisionTransformer):
     added (DeiT III, big_vision; timm's no_embed_class=True)."""
 
     checkpoint_filter_fn = staticmethod(deit3_checkpoint_filter_fn)
+    no_embed_class = True
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, self.embed_dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.pos_embed
+    def _pos_embed(self, x: torch.Tensor, grid=None) -> torch.Tensor:
+        x = x + (self.pos_embed if grid is None else self.pos_embed_for(grid))
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x)

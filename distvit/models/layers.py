@@ -27,8 +27,11 @@ def to_2tuple(x) -> tuple[int, int]:
 class PatchEmbed(nn.Module):
     """Image (B, C, H, W) -> patch tokens (B, N, D) by one strided convolution."""
 
-    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True):
+    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True,
+                 strict_img_size: bool = True):
+        """strict_img_size=False: take any H x W divisible by the patch size (timm's dynamic_img_size)."""
         super().__init__()
+        self.strict_img_size = strict_img_size
         self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
         for side, (size, patch) in zip(("height", "width"), zip(self.img_size, self.patch_size)):
@@ -50,11 +53,23 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+    def check_input(self, x: torch.Tensor) -> tuple[int, int]:
+        """Validate images (B, C, H, W); returns their patch grid (rows, cols)."""
+        if not self.strict_img_size and x.dim() == 4 and x.shape[1] == self.in_chans:
+            h, w = x.shape[2], x.shape[3]
+            if h % self.patch_size[0] or w % self.patch_size[1]:
+                raise ValueError(f"PatchEmbed: image size {h}x{w} is not a multiple of the patch size "
+                                 f"{self.patch_size[0]}x{self.patch_size[1]}; resize or crop the input to a multiple")
+            return h // self.patch_size[0], w // self.patch_size[1]
         if x.dim() != 4 or x.shape[1] != self.in_chans or tuple(x.shape[2:]) != self.img_size:
             raise ValueError(f"PatchEmbed: input has shape {tuple(x.shape)}, expected (batch, {self.in_chans}, "
                              f"{self.img_size[0]}, {self.img_size[1]}); build the model with img_size=/in_chans= "
-                             "for other inputs (the position embedding is resized when weights load)")
-        return self.proj(x).flatten(2).transpose(1, 2)
+                             "for other inputs (the position embedding is resized when weights load), or with "
+                             "dynamic_img_size=True for any size divisible by the patch size")
+        return self.grid_size
 
 
 class Attention(nn.Module):
@@ -80,13 +95,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return attention(q, k, v, causal=self.causal, bias=bias, scale=self.scale, backend=self.attn_backend)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+               seq_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return attention(q, k, v, causal=self.causal, bias=bias, scale=self.scale, backend=self.attn_backend,
+                         seq_ids=seq_ids)
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None,
+                seq_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """seq_ids (B, N) or (N,): packed sequences; a token attends only to tokens of its own id (-1: padding)."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = self.attend(q, k, v, attn_bias).transpose(1, 2).reshape(B, N, C)
+        o = self.attend(q, k, v, attn_bias) if seq_ids is None else self.attend(q, k, v, attn_bias, seq_ids=seq_ids)
+        x = o.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
 
@@ -123,15 +143,26 @@ class DropPath(nn.Module):
             raise ValueError(f"DropPath: drop_prob={drop_prob} must be in [0, 1)")
         self.drop_prob = drop_prob
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """seq_ids (B, T) or (T,): packed sequences; the mask is then drawn per image, not per row."""
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep = 1.0 - self.drop_prob
+        if seq_ids is not None:
+            per_image = x.new_empty(max(1, int(seq_ids.max()) + 1)).bernoulli_(keep)
+            return x * image_mask_to_tokens(per_image, seq_ids, x) / keep
         mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
         return x * mask / keep
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
+
+
+def image_mask_to_tokens(per_image: torch.Tensor, seq_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-image mask (N,) as a per-token mask broadcastable to x (B, T, D); padding (id -1) keeps 1."""
+    ids = seq_ids if seq_ids.dim() == 2 else seq_ids[None]
+    mask = torch.where(ids >= 0, per_image[ids.clamp(min=0)], torch.ones((), dtype=x.dtype, device=x.device))
+    return mask.unsqueeze(-1)
 
 
 class Block(nn.Module):
@@ -151,6 +182,8 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_bias)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None,
+                seq_ids: torch.Tensor | None = None) -> torch.Tensor:
+        ids = () if seq_ids is None or isinstance(self.drop_path1, nn.Identity) else (seq_ids,)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_bias, seq_ids)), *ids)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))), *ids)

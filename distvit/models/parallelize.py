@@ -1,7 +1,7 @@
 """Sequence parallelism for the ViT: one image's tokens split over the ranks of an sp group.
 
-    parallelize_sequence(model, mesh.sp_group, impl="ulysses")   # or impl="ring"
-    logits = model(images)        # every sp rank passes the same images, gets the same logits
+    parallelize_sequence(model, mesh.sp_group, impl="ulysses")   # or "ring", or "hybrid" + ulysses_size
+    logits = model(images)        # or model.forward_packed(packed): every sp rank, same inputs, same logits
     loss = criterion(logits, labels); loss.backward()
 
 The model file stays pure PyTorch; this module rewires an existing VisionTransformer in place:
@@ -21,7 +21,7 @@ The model file stays pure PyTorch; this module rewires an existing VisionTransfo
   group and divided by N. The all-reduce's backward is the identity, which is exact because
   everything after it (fc_norm, head, the loss) runs identically on every rank: every rank
   receives the same, complete gradient of the pooled features.
-- Randomness. Stochastic depth drops whole samples, and head dropout acts on the replicated
+- Randomness. Stochastic depth drops whole samples (packed: whole images), and head dropout acts on the replicated
   pooled features, so their masks must agree over the group: they are drawn on sp rank 0 and
   broadcast. Token dropout (pos_drop, proj_drop) stays independent per token, as it should.
 
@@ -52,13 +52,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from distvit.attention.hybrid import hybrid_attention, hybrid_groups
 from distvit.attention.sequence_parallel import (
     group_size, local_positions, ring_attention, ulysses_attention,
 )
-from distvit.models.layers import Attention, DropPath, PatchEmbed
+from distvit.models.layers import Attention, DropPath, PatchEmbed, image_mask_to_tokens
+from distvit.models.parallelize_packed import forward_packed as forward_packed_sp
 from distvit.models.vit import VisionTransformer
 
-IMPLS = ("ulysses", "ring")
+IMPLS = ("ulysses", "ring", "hybrid")
 GRAD_SYNCS = ("allreduce", "partial")
 
 
@@ -70,22 +72,26 @@ class SequenceParallelPlan:
     impl: str
     layout: str
     grad_sync: str
+    hybrid: tuple = (None, None)  # (Ulysses group, ring group) for impl="hybrid"
 
-    def attend(self, q, k, v, *, causal, scale, backend, seq_len):
+    def attend(self, q, k, v, *, causal, scale, backend, seq_len, seq_ids=None):
+        kw = dict(causal=causal, backend=backend, scale=scale, seq_len=seq_len, seq_ids=seq_ids)
         if self.impl == "ulysses":
-            return ulysses_attention(q, k, v, self.group, causal=causal, backend=backend, scale=scale,
-                                     seq_len=seq_len)
-        return ring_attention(q, k, v, self.group, causal=causal, layout=self.layout, backend=backend, scale=scale,
-                              seq_len=seq_len)
+            return ulysses_attention(q, k, v, self.group, **kw)
+        if self.impl == "hybrid":
+            return hybrid_attention(q, k, v, *self.hybrid, **kw)
+        return ring_attention(q, k, v, self.group, layout=self.layout, **kw)
 
 
 def parallelize_sequence(model: nn.Module, mesh_or_group=None, impl: str = "ulysses", *, layout: str = "contiguous",
-                         grad_sync: str = "allreduce") -> nn.Module:
+                         grad_sync: str = "allreduce", ulysses_size: int | None = None) -> nn.Module:
     """Split `model`'s tokens over an sp group, in place; returns the model.
 
     mesh_or_group: a distvit.dist.Mesh (its sp_group is used), a process group, or None (the
-    whole world). impl: "ulysses" (all-to-all; heads must divide by sp) or "ring" (any head
-    count). layout: the ring's token layout ("contiguous" or "zigzag"; Ulysses is contiguous).
+    whole world). impl: "ulysses" (all-to-all; heads must divide by sp), "ring" (any head
+    count) or "hybrid" (Ulysses in groups of ulysses_size ranks, ring across them; heads must
+    divide by ulysses_size; collective over the whole job, see attention/hybrid.py). layout: the
+    ring's token layout ("contiguous" or "zigzag"; Ulysses is contiguous).
     grad_sync: "allreduce" or "partial", see the module doc. With sp = 1 nothing changes.
     Every sp rank must call this on the same model, before the optimizer or DeepSpeed sees it.
     """
@@ -95,9 +101,11 @@ def parallelize_sequence(model: nn.Module, mesh_or_group=None, impl: str = "ulys
         raise ValueError(f"parallelize_sequence: impl={impl!r} (parallel.sp_impl); choose one of {', '.join(IMPLS)}")
     if grad_sync not in GRAD_SYNCS:
         raise ValueError(f"parallelize_sequence: grad_sync={grad_sync!r}; choose one of {', '.join(GRAD_SYNCS)}")
-    if impl == "ulysses" and layout != "contiguous":
-        raise ValueError(f"parallelize_sequence: layout={layout!r} with impl='ulysses'; Ulysses shards tokens "
+    if impl in ("ulysses", "hybrid") and layout != "contiguous":
+        raise ValueError(f"parallelize_sequence: layout={layout!r} with impl={impl!r}; Ulysses shards tokens "
                          "contiguously, use layout='contiguous' or impl='ring'")
+    if impl == "hybrid" and not ulysses_size:
+        raise ValueError("parallelize_sequence: impl='hybrid' needs ulysses_size= (parallel.ulysses_size, >= 1)")
     _check_model(model)
     if sp == 1:
         return model
@@ -109,6 +117,11 @@ def parallelize_sequence(model: nn.Module, mesh_or_group=None, impl: str = "ulys
             "parallel.sp_impl=ring (any head count)"
         )
     plan = SequenceParallelPlan(group, sp, dist.get_rank(group), impl, layout, grad_sync)
+    if impl == "hybrid":
+        if model.num_heads % ulysses_size:
+            raise ValueError(f"parallelize_sequence: parallel.ulysses_size={ulysses_size} does not divide the model's "
+                             f"{model.num_heads} attention heads; use a divisor of {model.num_heads} that divides sp")
+        plan.hybrid = hybrid_groups(group, ulysses_size)
     _broadcast_parameters(model, plan)
     for blk in model.blocks:
         blk.attn.attend = _SequenceParallelAttend(blk.attn, plan, model)
@@ -305,12 +318,13 @@ class _SequenceParallelAttend:
     def __init__(self, attn: Attention, plan: SequenceParallelPlan, model: VisionTransformer):
         self.attn, self.plan, self.model = attn, plan, model
 
-    def __call__(self, q, k, v, bias=None):
+    def __call__(self, q, k, v, bias=None, seq_ids=None):
         if bias is not None:
             raise ValueError("sequence-parallel attention takes no attention bias (a bias over the full sequence "
                              "would have to be sharded too); run this model with parallel.sp_size=1")
+        seq_len = None if seq_ids is not None else self.model.pos_embed.shape[1]
         return self.plan.attend(q, k, v, causal=self.attn.causal, scale=self.attn.scale,
-                                backend=self.attn.attn_backend, seq_len=self.model.pos_embed.shape[1])
+                                backend=self.attn.attn_backend, seq_len=seq_len, seq_ids=seq_ids)
 
 
 def _shared_mask(shape, keep: float, like: torch.Tensor, plan: SequenceParallelPlan) -> torch.Tensor:
@@ -326,12 +340,15 @@ class _GroupSharedDropPath(nn.Module):
         super().__init__()
         self.drop_prob, self.plan = drop_prob, plan
 
-    def forward(self, x):
+    def forward(self, x, seq_ids=None):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep = 1.0 - self.drop_prob
-        mask = _shared_mask((x.shape[0],) + (1,) * (x.dim() - 1), keep, x, self.plan)
-        return x * mask / keep
+        if seq_ids is not None:  # packed: one mask per image, over the images of every rank's shard
+            n = torch.tensor(int(seq_ids.max()) + 1)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX, group=self.plan.group)
+            return x * image_mask_to_tokens(_shared_mask((max(1, int(n)),), keep, x, self.plan), seq_ids, x) / keep
+        return x * _shared_mask((x.shape[0],) + (1,) * (x.dim() - 1), keep, x, self.plan) / keep
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}, shared over sp={self.plan.sp_size}"
@@ -394,6 +411,9 @@ class SequenceParallelViT:
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_blocks(self._local_tokens(images))
 
+    def forward_packed(self, packed) -> torch.Tensor:
+        return forward_packed_sp(self, packed, _SumReplicated.apply)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         plan = self.sequence_parallel
         prefix, seq_len = self.num_prefix_tokens, self.pos_embed.shape[1]
@@ -413,14 +433,8 @@ class SequenceParallelViT:
 def _runs(idx: torch.Tensor):
     """Maximal runs of consecutive integers in a sorted 1-D tensor, as (lo, hi) pairs."""
     values = idx.tolist()
-    runs, start = [], None
-    for i, v in enumerate(values):
-        if start is None:
-            start = v
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            runs.append((start, v + 1))
-            start = None
-    return runs
+    starts = [i for i, v in enumerate(values) if i == 0 or values[i - 1] != v - 1]
+    return [(values[a], values[b - 1] + 1) for a, b in zip(starts, starts[1:] + [len(values)])]
 
 
 _CLASSES: dict[type, type] = {}

@@ -127,14 +127,14 @@ def resize_relative_position_bias_table(table: torch.Tensor, new_window: tuple[i
 class SwinPatchEmbed(PatchEmbed):
     """Image (B, C, H, W) -> normalised patch tokens (B, H/p, W/p, D): the strided conv, then LayerNorm."""
 
-    def __init__(self, img_size=224, patch_size=4, in_chans: int = 3, embed_dim: int = 96):
-        super().__init__(img_size, patch_size, in_chans, embed_dim)
+    def __init__(self, img_size=224, patch_size=4, in_chans: int = 3, embed_dim: int = 96, strict_img_size=True):
+        super().__init__(img_size, patch_size, in_chans, embed_dim, strict_img_size=strict_img_size)
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B = x.shape[0]
-        x = super().forward(x)  # (B, N, D), input shape checked there
-        return self.norm(x).view(B, self.grid_size[0], self.grid_size[1], -1)
+        gh, gw = self.check_input(x)
+        x = self.proj(x).flatten(2).transpose(1, 2)
+        return self.norm(x).view(x.shape[0], gh, gw, -1)
 
 
 class WindowAttention(nn.Module):
@@ -212,6 +212,7 @@ class SwinBlock(nn.Module):
             Hp, Wp = (math.ceil(r / w) * w for r, w in zip(input_resolution, self.window_size))
             mask = shifted_window_mask(Hp, Wp, self.window_size, self.shift_size)
         self.register_buffer("attn_mask", mask, persistent=False)
+        self.dynamic_mask = False  # any input grid: the shift mask is built per input (timm's dynamic_mask)
 
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -224,14 +225,17 @@ class SwinBlock(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         Hp, Wp = H + pad_h, W + pad_w
-        windows = self.attn(window_partition(x, self.window_size), self.attn_mask)
+        mask = self.attn_mask
+        if self.dynamic_mask and (sh or sw):
+            mask = shifted_window_mask(Hp, Wp, self.window_size, self.shift_size, device=x.device)
+        windows = self.attn(window_partition(x, self.window_size), mask)
         x = window_reverse(windows, self.window_size, Hp, Wp)[:, :H, :W]
         if sh or sw:
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[1:3]) != self.input_resolution:
+        if not self.dynamic_mask and tuple(x.shape[1:3]) != self.input_resolution:
             raise ValueError(f"SwinBlock: input grid {tuple(x.shape[1:3])} differs from the {self.input_resolution} "
                              "this block was built for; build the model with img_size= for other inputs")
         x = x + self.drop_path1(self._window_attention(self.norm1(x)))
@@ -315,9 +319,12 @@ class SwinTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.1, attn_backend: str = "auto", default_cfg: dict | None = None):
+                 drop_path_rate: float = 0.1, attn_backend: str = "auto", strict_img_size: bool = True,
+                 dynamic_img_size: bool = False, default_cfg: dict | None = None):
         """
         window_size: one int for every stage, or one per stage (square windows).
+        strict_img_size=False (or dynamic_img_size=True), as timm: any H x W divisible by the patch size;
+        each stage's grid is zero-padded to whole windows and the shift mask built per input.
         drop_rate: dropout before the head; proj_drop_rate: after attention/MLP projections;
         drop_path_rate: stochastic depth, rising linearly over all blocks to this value (timm's default 0.1).
         """
@@ -333,7 +340,8 @@ class SwinTransformer(nn.Module):
         self.num_layers = n
         self.num_features = embed_dim * 2 ** (n - 1)
 
-        self.patch_embed = SwinPatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        strict_img_size = strict_img_size and not dynamic_img_size
+        self.patch_embed = SwinPatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=strict_img_size)
         total = sum(depths)
         # Plain floats (not torch.linspace) so the model also builds under torch.device("meta").
         rates = [drop_path_rate * i / (total - 1) for i in range(total)] if total > 1 else [drop_path_rate] * total
@@ -348,6 +356,8 @@ class SwinTransformer(nn.Module):
             stages.append(stage)
             resolution, dim, start = stage.output_resolution, out_dim, start + depths[i]
         self.layers = nn.Sequential(*stages)
+        for blk in self.blocks():
+            blk.dynamic_mask = not strict_img_size
         self.norm = nn.LayerNorm(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
 

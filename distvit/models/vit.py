@@ -67,7 +67,7 @@ class VisionTransformer(nn.Module):
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, init_values: float | None = None,
                  class_token: bool = True, fc_norm: bool | None = None, drop_rate: float = 0.0,
                  pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 attn_backend: str = "auto", default_cfg: dict | None = None):
+                 attn_backend: str = "auto", dynamic_img_size: bool = False, default_cfg: dict | None = None):
         """
         global_pool: "token" (the class token's output) or "avg" (mean of the patch tokens).
         fc_norm: norm after pooling instead of before; None: on for "avg", as timm does.
@@ -75,6 +75,8 @@ class VisionTransformer(nn.Module):
         proj_drop_rate: after attention/MLP projections; drop_path_rate: stochastic depth,
         rising linearly over the blocks to this value.
         init_values: layer-scale initial value (None: no layer scale).
+        dynamic_img_size: take any H x W divisible by the patch size; the position-embedding grid is
+        resampled per input (bicubic, antialiased), as timm's dynamic_img_size=True.
         """
         super().__init__()
         if global_pool not in GLOBAL_POOLS:
@@ -92,8 +94,9 @@ class VisionTransformer(nn.Module):
         self.depth = depth
         self.num_prefix_tokens = 1 if class_token else 0
         self.grad_checkpointing = False
+        self.dynamic_img_size = dynamic_img_size
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=not dynamic_img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.patch_embed.num_patches, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
@@ -159,28 +162,55 @@ class VisionTransformer(nn.Module):
 
     # --- forward --------------------------------------------------------------------------
 
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+    no_embed_class = False  # the position embedding covers the prefix tokens too (DeiT III: False)
+
+    def pos_embed_for(self, grid) -> torch.Tensor:
+        """The position embedding for a patch grid (rows, cols): resampled as timm's dynamic_img_size."""
+        prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        return resample_abs_pos_embed(self.pos_embed, grid, old_grid=self.patch_embed.grid_size,
+                                      num_prefix_tokens=prefix)
+
+    def _pos_embed(self, x: torch.Tensor, grid=None) -> torch.Tensor:
+        pos = self.pos_embed if grid is None else self.pos_embed_for(grid)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + self.pos_embed)
+        return self.pos_drop(x + pos)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, prefix + patches, D)."""
-        return self.forward_blocks(self._pos_embed(self.patch_embed(x)))
+        grid = self.patch_embed.check_input(x) if self.dynamic_img_size else None
+        return self.forward_blocks(self._pos_embed(self.patch_embed(x), grid))
 
-    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """Embedded tokens -> the blocks (checkpointed when enabled) -> the final norm."""
+    def forward_blocks(self, x: torch.Tensor, seq_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedded tokens -> the blocks (checkpointed when enabled) -> the final norm.
+
+        seq_ids (B, T): packed sequences, attention block-diagonal per id (see models/packed.py).
+        """
+        extra = () if seq_ids is None else (None, seq_ids)
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, *extra, use_reentrant=False)
             else:
-                x = blk(x)
+                x = blk(x, *extra)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        prefix = x[:, :self.num_prefix_tokens]
+        mean = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else None
+        return self.forward_pooled(prefix, mean, pre_logits)
+
+    def forward_pooled(self, prefix: torch.Tensor, patch_mean: torch.Tensor | None,
+                       pre_logits: bool = False) -> torch.Tensor:
+        """The head from pooled pieces: prefix-token outputs (B, P, D) and the patch-token mean (B, D)."""
+        x = patch_mean if self.global_pool == "avg" else prefix[:, 0]
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
+
+    def forward_packed(self, packed) -> torch.Tensor:
+        """Logits (N, classes) of the N images of a distvit.data.packing.PackedBatch, in input order."""
+        from distvit.models.packed import forward_packed
+
+        return forward_packed(self, packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
