@@ -31,6 +31,7 @@ from pathlib import Path
 
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _output_dirs: list[Path] = []  # folders this process writes to, for the disk-full message
+_signal: int | None = None  # a stop signal this process received (see note_signal)
 
 
 class UserError(Exception):
@@ -40,6 +41,12 @@ class UserError(Exception):
 def note_output_dir(path: str | Path) -> None:
     """Remember a folder the run writes to, so a full disk can be named in the message."""
     _output_dirs.append(Path(path))
+
+
+def note_signal(signum: int) -> None:
+    """A stop signal arrived: an error that follows (a peer gone mid-collective) is its echo, not news."""
+    global _signal
+    _signal = signum
 
 
 def debug() -> bool:
@@ -113,6 +120,17 @@ def user_message(exc: BaseException) -> str | None:
     return None
 
 
+def _peer_lost(exc: BaseException) -> str | None:
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and any(s in text for s in ("Connection closed by peer", "Connection reset by peer")):
+        return ("lost the connection to another rank in a collective: that rank exited or was killed (its own "
+                "message, or the launcher's, says why)")
+    if isinstance(exc, RuntimeError) and "Timed out" in text and any(s in text for s in ("gloo", "NCCL", "Watchdog")):
+        return ("a collective waited longer than run.collective_timeout_s for another rank, which is alive but "
+                "elsewhere in the program (a rank-dependent code path?); rerun with DISTVIT_DEBUG=1 for the traceback")
+    return None
+
+
 def rank() -> int:
     return _rank()[0]
 
@@ -176,8 +194,14 @@ def guard(prog: str, fn, *args) -> int:
         if message is None:
             from distvit import watchdog
 
+            if _signal is not None:
+                return 128 + _signal  # stopped by a signal: what failed after it is its echo
             if watchdog.peer_failed():
                 return 1  # a peer failed first and said why; this rank only lost its partner
+            lost = _peer_lost(exc)
+            if lost is not None:
+                report(prog, lost)
+                return 1
             first = next(iter(traceback.extract_tb(exc.__traceback__)[-1:]), None)
             where = f" at {Path(first.filename).name}:{first.lineno}" if first else ""
             message = (f"internal error: {type(exc).__name__}: {_one_line(str(exc))[:300]}{where}; "

@@ -318,6 +318,7 @@ class Trainer:
                     signal.signal(signum, signal.SIG_DFL)
                     os.kill(os.getpid(), signum)
                 return
+            errors.note_signal(signum)
             if not self._started:
                 # Start-up (e.g. waiting for a peer): no step to finish, nothing to save. Unwinding
                 # releases what is held (DeepSpeed's op-build lock is a context manager).
