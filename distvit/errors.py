@@ -90,7 +90,7 @@ def _disk_hint() -> str:
 
 
 def _os_message(exc: OSError) -> str | None:
-    what = f" '{exc.filename}'" if exc.filename else ""
+    what = f" '{exc.filename}'" if exc.filename else " a file"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return (f"no space left on the device writing{what}{_disk_hint()}; free space there or point "
                 "run.output_dir at a larger disk (the last complete checkpoint is intact)")
@@ -111,7 +111,7 @@ def user_message(exc: BaseException) -> str | None:
             return _one_line(str(exc))
         return msg
     text = str(exc)
-    if isinstance(exc, RuntimeError) and any(s in text for s in ("iostream error", "PytorchStreamWriter failed", "file write failed")):
+    if isinstance(exc, RuntimeError) and any(s in text for s in ("iostream error", "PytorchStreamWriter failed", "file write failed", "unexpected pos")):
         # torch.save's C++ writer reports a full disk (or a vanished folder) this way.
         return (f"writing a file failed ({_one_line(text)[:80]}){_disk_hint()}; the disk holding the run folder is most "
                 "likely full: free space or point run.output_dir at a larger disk (the last complete checkpoint is intact)")
