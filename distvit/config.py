@@ -343,8 +343,9 @@ def _apply_override(tree: dict, key: str, value: Any, origins: dict[str, str], o
 
 
 def _origin(origins: dict[str, str], dotted: str) -> str:
-    """Where a key's value came from: the key itself, else a field under it (a section given by a
-    flag or file), else the section that holds it; 'defaults' if nothing set it."""
+    """Where a key's value came from: the key itself, else the fields under it (a section), else the
+    list field holding it; 'defaults' if nothing set it (a file that sets other keys of its section
+    did not set this one)."""
     if dotted in origins:
         return origins[dotted]
     under = [o for k, o in origins.items() if k.startswith(dotted + ".")]
@@ -352,8 +353,9 @@ def _origin(origins: dict[str, str], dotted: str) -> str:
         return ", ".join(dict.fromkeys(under))
     parts = dotted.split(".")
     for i in range(len(parts) - 1, 0, -1):
-        if ".".join(parts[:i]) in origins:
-            return origins[".".join(parts[:i])]
+        parent = ".".join(parts[:i])
+        if parent in origins and parent not in Config.model_fields:  # an item of a list field, not a section
+            return origins[parent]
     return "defaults"
 
 
