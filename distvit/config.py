@@ -56,18 +56,11 @@ class RunConfig(Section):
             raise ValueError(f"must be >= 1 or null, got {v}; a run needs at least one step")
         return v
 
-    @field_validator("eval_every")
+    @field_validator("eval_every", "collective_timeout_s")
     @classmethod
-    def _non_negative(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"must be >= 0 (0: evaluate at each epoch end), got {v}")
-        return v
-
-    @field_validator("collective_timeout_s")
-    @classmethod
-    def _timeout(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError(f"must be > 0 seconds, got {v}")
+    def _non_negative(cls, v, info):
+        if v < 0 or (v == 0 and info.field_name == "collective_timeout_s"):
+            raise ValueError(f"must be {'> 0 seconds' if info.field_name == 'collective_timeout_s' else '>= 0 (0: evaluate at each epoch end)'}, got {v}")
         return v
 
 
@@ -437,31 +430,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = Config.model_validate(tree)
     except ValidationError as exc:
         raise _type_error(exc, tree, origins) from None
-    _check_across_sections(cfg, origins)
+    from distvit.config_checks import check_across_sections
+
+    check_across_sections(cfg, origins)
     return cfg
-
-
-def _check_across_sections(cfg: Config, origins: dict[str, str]) -> None:
-    """Rules that span sections, and names that must exist: a value accepted here must not break later."""
-    def bad(key: str, text: str) -> ConfigError:
-        return ConfigError(f"bad value for config key '{key}' (from {_origin(origins, key)}): {text}")
-
-    if cfg.schedule.min_lr > cfg.optim.lr:
-        raise bad("schedule.min_lr", f"{cfg.schedule.min_lr} is above the peak optim.lr={cfg.optim.lr} "
-                  f"(from {_origin(origins, 'optim.lr')}); set schedule.min_lr <= optim.lr, e.g. 0")
-    for key, given, data_key in (("model.img_size", cfg.model.img_size, "data.img_size"),
-                                 ("model.in_chans", cfg.model.in_chans, "data.in_chans")):
-        have = getattr(cfg.data, data_key.split(".")[1], None)
-        if given is not None and have is not None and given != have:
-            raise bad(key, f"{given}, but the data loader yields {data_key}={have} (from {_origin(origins, data_key)}); "
-                      f"set both to the same value, or leave {key} unset (it follows {data_key})")
-    from distvit import models
-
-    for key, name in (("model.name", cfg.model.name), ("distill.teacher", cfg.distill.teacher)):
-        if name is not None and name not in models.list_models():
-            close = difflib.get_close_matches(name, models.list_models(), n=3, cutoff=0.5)
-            hint = f"did you mean {', '.join(close)}?" if close else f"registered models: {', '.join(models.list_models())}"
-            raise bad(key, f"no model named '{name}'; {hint}")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
