@@ -319,9 +319,10 @@ class Trainer:
                     os.kill(os.getpid(), signum)
                 return
             errors.note_signal(signum)
-            if not self._started:
+            if not self._started and signum == signal.SIGTERM:
                 # Start-up (e.g. waiting for a peer): no step to finish, nothing to save. Unwinding
-                # releases what is held (DeepSpeed's op-build lock is a context manager).
+                # releases what is held (the op-build lock is freed in a `finally`). USR1, the
+                # scheduler's "checkpoint and requeue" warning, is still honoured after the first step.
                 if errors.rank() == 0:
                     print(f"distvit: stopped by signal {signum} during start-up (nothing to save yet)", file=sys.stderr, flush=True)
                 raise SystemExit(128 + signum)
