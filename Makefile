@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (Python 3.10+, pip, make):
-#   make demo   set up .venv and run the main job: the digits demo on 2 CPU ranks (DeepSpeed ZeRO-2)
+#   make demo   set up .venv and run the main job: the digits demo on 2 CPU ranks (torchrun, DeepSpeed ZeRO-2)
 #   make test   set up .venv with the dev extras and run the whole test suite
 # On a GPU machine without a package registry (README, "GPU check"):
 #   make wheelhouse   (on a connected machine) the wheels such a machine lacks, into wheelhouse/
@@ -46,8 +46,10 @@ install-dev: $(VENV)/.installed-dev
 data/digits/dataset.json: | $(VENV)/.installed
 	$(VENV)/bin/distvit data write digits --out data/digits
 
+# torchrun, not the `deepspeed` launcher: torchrun passes SIGTERM on to every rank (they save and
+# exit); the single-host `deepspeed` runner dies alone and leaves its ranks training (docs/reliability.md).
 demo: $(VENV)/.installed data/digits/dataset.json
-	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_accelerators $(DEMO_RANKS) --master_port $$($(PY) -c 'import distvit.dist as d; print(d.free_port())') \
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(DEMO_RANKS) --master-port $$($(PY) -c 'import distvit.dist as d; print(d.free_port())') \
 		launch/train.py --config configs/demo_digits.yaml --set run.name=$(RUN_NAME)
 
 test: $(VENV)/.installed-dev

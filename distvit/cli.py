@@ -31,25 +31,24 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def train(argv: list[str] | None = None) -> int:
-    from distvit.config import ConfigError, load_config
+    """`distvit train` and launch/train.py: every error ends as one line (distvit/errors.py)."""
+    from distvit import errors
+
+    return errors.guard("distvit", _train, argv)
+
+
+def _train(argv: list[str] | None) -> int:
+    from distvit.config import load_config
 
     args = train_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"distvit: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from distvit.engine.trainer import Trainer, TrainingDiverged
+    from distvit.engine.trainer import Trainer
 
-    try:
-        trainer = Trainer(cfg, resume=args.resume)
-        summary = trainer.fit()
-    except (ConfigError, FileNotFoundError, TrainingDiverged) as exc:
-        print(f"distvit: error: {exc}", file=sys.stderr)
-        return 2
+    trainer = Trainer(cfg, resume=args.resume)
+    summary = trainer.fit()
     if trainer.is_main:
         print_summary(summary)
     from distvit import dist as ddist
@@ -91,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in commands:
         parser.parse_args(argv)  # prints the error with the valid choices
         return 2
-    return commands[argv[0]][1](argv[1:])
+    if argv[0] == "train":
+        return train(argv[1:])
+    from distvit import errors
+
+    return errors.guard(f"distvit {argv[0]}", commands[argv[0]][1], argv[1:])
 
 
 def _lazy(module: str, argv: list[str]) -> int:

@@ -15,6 +15,7 @@ stored here: the tree flows one way, into the trainer.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,11 +23,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from distvit.data.config import DataConfig
+from distvit.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config file, key or value; the message is one line meant for the user."""
 
 
@@ -44,6 +46,23 @@ class RunConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     compile: bool = False  # torch.compile the model (inductor); see docs/recipes.md for the cost on CPU
+    # A rendezvous or collective that waits longer than this for a peer (stopped, hung, killed)
+    # ends every rank with an error naming the missing ranks (distvit/watchdog.py).
+    collective_timeout_s: float = 300.0
+
+    @field_validator("epochs", "max_steps")
+    @classmethod
+    def _positive_or_none(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"must be >= 1 or null, got {v}; a run needs at least one step")
+        return v
+
+    @field_validator("eval_every", "collective_timeout_s")
+    @classmethod
+    def _non_negative(cls, v, info):
+        if v < 0 or (v == 0 and info.field_name == "collective_timeout_s"):
+            raise ValueError(f"must be {'> 0 seconds' if info.field_name == 'collective_timeout_s' else '>= 0 (0: evaluate at each epoch end)'}, got {v}")
+        return v
 
 
 class ModelConfig(Section):
@@ -85,6 +104,27 @@ class OptimConfig(Section):
             raise ValueError(f"optim.grad_clip must be > 0 or null (no clipping), got {self.grad_clip}")
         return self
 
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"both must be in [0, 1), got {list(v)}; e.g. [0.9, 0.999]")
+        return v
+
+    @field_validator("lr", "eps")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"must be > 0, got {v}")
+        return v
+
+    @field_validator("weight_decay", "label_smoothing")
+    @classmethod
+    def _non_negative(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError(f"must be >= 0, got {v}")
+        return v
+
 
 class ScheduleConfig(Section):
     kind: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
@@ -97,6 +137,20 @@ class ScheduleConfig(Section):
     def _fraction(cls, v: float) -> float:
         if not 0.0 < v <= 1.0:
             raise ValueError(f"schedule.decay_fraction must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be >= 0 (0: no warm-up), got {v}")
+        return v
+
+    @field_validator("min_lr")
+    @classmethod
+    def _min_lr(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError(f"must be >= 0, got {v}")
         return v
 
 
@@ -171,12 +225,33 @@ class CheckpointConfig(Section):
     resume: str | None = None  # "auto" (newest complete checkpoint of the run folder) or a path
     export: bool = True  # at the end, consolidate to <run>/model.safetensors (fp32)
 
+    @field_validator("keep")
+    @classmethod
+    def _keep(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1 (the newest checkpoint is what --resume needs), got {v}")
+        return v
+
+    @field_validator("every_steps")
+    @classmethod
+    def _every(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be >= 0 (0: only at the end), got {v}")
+        return v
+
 
 class LogConfig(Section):
     every_steps: int = 10
     tensorboard: bool = True
     progress: bool = True  # tqdm bar on rank 0
     peak_tflops: float | None = None  # device peak for MFU; None: looked up by device name
+
+    @field_validator("every_steps")
+    @classmethod
+    def _every(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1 (optimizer steps between log lines), got {v}")
+        return v
 
 
 class Config(Section):
@@ -299,6 +374,23 @@ def _apply_override(tree: dict, key: str, value: Any, origins: dict[str, str], o
     _record(origins, key, value, origin)
 
 
+def _origin(origins: dict[str, str], dotted: str) -> str:
+    """Where a key's value came from: the key itself, else the fields under it (a section), else the
+    list field holding it; 'defaults' if nothing set it (a file that sets other keys of its section
+    did not set this one)."""
+    if dotted in origins:
+        return origins[dotted]
+    under = [o for k, o in origins.items() if k.startswith(dotted + ".")]
+    if under:
+        return ", ".join(dict.fromkeys(under))
+    parts = dotted.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[:i])
+        if parent in origins and parent not in Config.model_fields:  # an item of a list field, not a section
+            return origins[parent]
+    return "defaults"
+
+
 def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
@@ -325,12 +417,12 @@ def _check_unknown(tree: dict, model: type[BaseModel], origins: dict[str, str], 
             hint = f"did you mean '{close[0] if '.' in close[0] else prefix + close[0]}'?" if close else (
                 f"valid keys here: {', '.join(prefix + v for v in valid)}"
             )
-            raise ConfigError(f"unknown config key '{dotted}' (from {origins.get(dotted, 'defaults')}); {hint}")
+            raise ConfigError(f"unknown config key '{dotted}' (from {_origin(origins, dotted)}); {hint}")
         sub = field.annotation
         if isinstance(sub, type) and issubclass(sub, BaseModel):
             if not isinstance(value, dict):
                 raise ConfigError(
-                    f"config key '{dotted}' (from {origins.get(dotted, 'defaults')}) is a section; "
+                    f"config key '{dotted}' (from {_origin(origins, dotted)}) is a section; "
                     f"give its fields, e.g. {dotted}.{next(iter(sub.model_fields))}=..."
                 )
             _check_unknown(value, sub, origins, dotted + ".")
@@ -352,10 +444,16 @@ def _type_error(exc: ValidationError, tree: dict, origins: dict[str, str]) -> Co
     value: Any = tree
     for part in fields:
         value = value.get(part) if isinstance(value, dict) else (value[int(part)] if isinstance(value, list) and part.isdigit() and int(part) < len(value) else None)
-    where = origins.get(dotted) or next((o for k, o in origins.items() if dotted.startswith(k + ".") or k.startswith(dotted + ".")), "defaults")
+    where = _origin(origins, dotted)
     expected = err["msg"]
     if err["type"] == "value_error":
-        return ConfigError(f"bad value for config key '{dotted}' (from {where}): {expected.removeprefix('Value error, ')}")
+        text = expected.removeprefix("Value error, ")
+        # A rule over several keys (offload x zero_stage): say where each key it names came from.
+        named = [k for k in _all_keys(Config) if k.startswith(dotted + ".") and re.search(rf"\b{re.escape(k)}\b", text)]
+        if named:
+            where = ", ".join(f"{k} from {_origin(origins, k)}" for k in named)
+            return ConfigError(f"bad config ({where}): {text}")
+        return ConfigError(f"bad value for config key '{dotted}' (from {where}): {text}")
     return ConfigError(f"bad value for config key '{dotted}' (from {where}): got {value!r}; expected {expected.lower()}")
 
 
@@ -368,9 +466,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply_override(tree, key, value, origins, f"--set {text}")
     _check_unknown(tree, Config, origins)
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as exc:
         raise _type_error(exc, tree, origins) from None
+    from distvit.config_checks import check_across_sections
+
+    check_across_sections(cfg, origins)
+    return cfg
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -128,8 +128,13 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init(device_request: str = "auto", timeout_s: int = 1800) -> tuple[LaunchInfo, torch.device]:
-    """Discover the launch, export a consistent env, pick the device and start the process group."""
+def init(device_request: str = "auto", timeout_s: float = 1800) -> tuple[LaunchInfo, torch.device]:
+    """Discover the launch, export a consistent env, pick the device and start the process group.
+
+    The rendezvous is ours (distvit/watchdog.py): it names the ranks that never arrived after
+    `timeout_s`, and it polls, so a signal ends a waiting rank. The process group's collectives
+    get the same timeout, and a heartbeat thread ends every rank when one stops responding.
+    """
     info = discover()
     env = os.environ
     env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(info.rank), str(info.world_size), str(info.local_rank)
@@ -141,11 +146,34 @@ def init(device_request: str = "auto", timeout_s: int = 1800) -> tuple[LaunchInf
     if not dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(
-            dist_backend=backend_for(device), auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s),
-            rank=info.rank, world_size=info.world_size,
-        )
+        from distvit import watchdog
+
+        global _store, _watchdog
+        addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+        timeout = timedelta(seconds=timeout_s)
+        # torchrun's agent already serves the store on MASTER_PORT; otherwise rank 0 hosts it.
+        host = info.rank == 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        try:
+            _store = dist.TCPStore(addr, port, info.world_size if host else None, is_master=host,
+                                   timeout=timeout, wait_for_workers=False)
+        except (RuntimeError, OSError) as exc:
+            raise watchdog.HangError(
+                f"rank {info.rank}: cannot {'open' if host else 'reach'} the rendezvous store at {addr}:{port} "
+                f"within run.collective_timeout_s={timeout_s:g} s ({str(exc).splitlines()[0][:160]}); check that rank 0 "
+                "is running and MASTER_ADDR/MASTER_PORT point at it (a port in use: pick another --master-port)"
+            ) from exc
+        watchdog.rendezvous(_store, info.rank, info.world_size, timeout_s, f"{addr}:{port}")
+        dist.init_process_group(backend_for(device), store=dist.PrefixStore("distvit_pg", _store),
+                                rank=info.rank, world_size=info.world_size, timeout=timeout)
+        _watchdog = watchdog.start(addr, port, info.rank, info.world_size, timeout_s)
+        # DeepSpeed wraps the group that exists (it does not create another).
+        deepspeed.init_distributed(dist_backend=backend_for(device), auto_mpi_discovery=False, timeout=timeout,
+                                   rank=info.rank, world_size=info.world_size)
     return info, device
+
+
+_store = None  # the rendezvous store (rank 0 hosts it unless torchrun's agent does): lives with the job
+_watchdog = None
 
 
 @dataclass
@@ -208,5 +236,7 @@ def barrier() -> None:
 
 
 def destroy() -> None:
+    if _watchdog is not None:
+        _watchdog.stop()
     if dist.is_initialized():
         dist.destroy_process_group()

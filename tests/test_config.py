@@ -156,3 +156,51 @@ def test_distvit_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "distvit.cli", "--help"], capture_output=True, text=True, check=True).stdout
     for sub in ("train", "data", "ckpt"):
         assert sub in out
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("log.every_steps=0", "'log.every_steps' (from --set log.every_steps=0): must be >= 1"),
+    ("run.max_steps=-1", "'run.max_steps' (from --set run.max_steps=-1): must be >= 1 or null, got -1"),
+    ("run.max_steps=0", "'run.max_steps' (from --set run.max_steps=0): must be >= 1 or null, got 0"),
+    ("run.epochs=0", "'run.epochs' (from --set run.epochs=0): must be >= 1 or null"),
+    ("schedule.warmup_steps=-5", "'schedule.warmup_steps' (from --set schedule.warmup_steps=-5): must be >= 0"),
+    ("checkpoint.keep=0", "'checkpoint.keep' (from --set checkpoint.keep=0): must be >= 1"),
+    ("optim.betas=[1.5, 0.9]", "'optim.betas' (from --set optim.betas=[1.5, 0.9]): both must be in [0, 1), got [1.5, 0.9]"),
+    ("optim.betas=[0.9, 1.0]", "both must be in [0, 1)"),
+    ("optim.lr=0", "'optim.lr' (from --set optim.lr=0): must be > 0"),
+    ("run.collective_timeout_s=0", "'run.collective_timeout_s' (from --set run.collective_timeout_s=0): must be > 0"),
+    ("schedule.min_lr=1", "'schedule.min_lr' (from --set schedule.min_lr=1): 1.0 is above the peak optim.lr=0.001 "
+                          "(from defaults); set schedule.min_lr <= optim.lr"),
+    ("model.name=vit_digit", "'model.name' (from --set model.name=vit_digit): no model named 'vit_digit'; did you mean vit_digits"),
+    ("distill.teacher=regnety_16", "'distill.teacher' (from --set distill.teacher=regnety_16): no model named 'regnety_16'"),
+    ("model.img_size=10", "'model.img_size' (from --set model.img_size=10): 10, but the data loader yields data.img_size=8 "
+                          "(from defaults); set both to the same value, or leave model.img_size unset"),
+])
+def test_values_that_break_later_are_rejected_at_load(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_accepted_edge_values_still_load():
+    cfg = load_config(None, ["run.max_steps=1", "schedule.min_lr=0.001", "checkpoint.keep=1", "optim.betas=[0, 0.999]",
+                             "model.img_size=8", "run.collective_timeout_s=0.5"])
+    assert cfg.run.max_steps == 1 and cfg.schedule.min_lr == cfg.optim.lr
+
+
+def test_section_name_typo_from_flag_names_the_flag():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer' \(from --set optimizer.lr=1\); did you mean 'optim'\?"):
+        load_config(None, ["optimizer.lr=1"])
+
+
+def test_offload_zero_conflict_names_where_each_key_came_from(tmp_path):
+    f = write(tmp_path / "z0.yaml", "parallel:\n  zero_stage: 0\n  grad_accum: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f, ["parallel.offload=cpu"])
+    msg = str(e.value)
+    assert f"parallel.zero_stage from {f.resolve()}" in msg and "parallel.offload from --set parallel.offload=cpu" in msg
+    assert "set parallel.zero_stage=2 or 3" in msg
+    f2 = write(tmp_path / "off.yaml", "parallel:\n  offload: interleaved\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f2)
+    assert f"parallel.offload from {f2.resolve()}" in str(e.value) and "parallel.zero_stage from defaults" in str(e.value)

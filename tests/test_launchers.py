@@ -3,10 +3,18 @@
 deepspeed (test_demo.py) and torchrun (test_trainer.py) are covered elsewhere; Slurm and mpirun in
 test_slurm.py / test_mpi.py.
 """
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
 import pytest
 import torch
 
-from trainer_helpers import launch, load_weights, losses, summary
+from trainer_helpers import ROOT, launch, load_weights, losses, run_env, summary
 
 
 def _args(digits_dir, run_root, name):
@@ -31,3 +39,54 @@ def test_console_script_equals_launch_script(digits_dir, tmp_path):
     launch(_args(digits_dir, tmp_path, "py"), launcher="python")
     assert losses(tmp_path / "cli") == losses(tmp_path / "py")
     assert summary(tmp_path / "cli")["steps"] == 4
+
+
+def _demo_command(venv: Path, run_name: str) -> str:
+    """The shell command `make demo` runs (read with `make -n`, so the test follows the Makefile)."""
+    out = subprocess.run(["make", "-n", "demo", f"VENV={venv}", f"RUN_NAME={run_name}"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    start = out.index("DS_ACCELERATOR=cpu")
+    return out[start:].replace("\\\n", " ").strip()
+
+
+def _rank_processes(run_name: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "launch/train.py" in cmd and f"run.name={run_name}" in cmd and "torch.distributed.run" not in cmd \
+                and "torchrun" not in cmd:
+            found.append(p)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_sigterm_to_make_demo_launcher_ends_every_rank(digits_dir, tmp_path):
+    """SIGTERM to the launcher `make demo` starts (torchrun) ends both ranks: they save and exit."""
+    name = f"sig{os.getpid()}"
+    sets = [f"run.output_dir={tmp_path}", f"data.train={digits_dir}/train-*.tar", f"data.val={digits_dir}/val-*.tar",
+            "log.progress=false", "log.every_steps=1"]
+    cmd = _demo_command(Path(sys.executable).parent.parent, name) + "".join(f" --set {s}" for s in sets)
+    launcher = subprocess.Popen(["bash", "-c", f"exec env {cmd}"], cwd=ROOT, env=run_env(PYTHONPATH=ROOT),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        metrics = tmp_path / name / "metrics.csv"
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 1):  # a step was logged
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
+            time.sleep(0.5)
+        assert "torchrun" in " ".join(psutil.Process(launcher.pid).cmdline()) or "torch.distributed.run" in " ".join(
+            psutil.Process(launcher.pid).cmdline())
+        assert len(_rank_processes(name)) == 2
+        launcher.send_signal(signal.SIGTERM)  # the launcher only, as `kill <pid>` or a scheduler would
+        out, err = launcher.communicate(timeout=60)
+        time.sleep(1)
+        assert _rank_processes(name) == []
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert (tmp_path / name / "summary.json").is_file(), (out[-2000:], err[-4000:])
+    s = summary(tmp_path / name)
+    assert s["status"] == "preempted" and s["steps"] >= 1  # each rank saved a checkpoint, then exited

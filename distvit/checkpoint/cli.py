@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.cmd == "prune":
+            if args.keep < 1:
+                raise CheckpointError(f"--keep {args.keep}: must be >= 1 (prune keeps the newest K complete checkpoints); e.g. --keep 2")
+            if not Path(args.dir).is_dir():
+                raise CheckpointError(f"{args.dir}: no such folder; give a run's checkpoints folder, e.g. runs/<name>/checkpoints")
             removed = ckio.prune(Path(args.dir), args.keep)
             print(f"removed {len(removed)} checkpoint(s)" + "".join(f"\n  {p}" for p in removed))
             return 0

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distvit import dist as ddist
-from distvit import models
+from distvit import errors, models, watchdog
 from distvit.checkpoint import io as ckio
 from distvit.checkpoint.reshape import COMMON_STATE, is_reshaped, is_universal
 from distvit.config import Config, ConfigError, save_config
@@ -34,6 +34,7 @@ from distvit.data.mixup import build_mixer
 from distvit.engine import distill
 from distvit.engine.deepspeed_config import build_ds_config, resolve_precision
 from distvit.engine.loss import cross_entropy
+from distvit.engine.startup import check_output_dir
 from distvit.engine.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
 from distvit.engine.optim import build_optimizer, freeze_parameters
 from distvit.engine.schedule import build_scheduler
@@ -87,11 +88,16 @@ def build_model(cfg: Config) -> torch.nn.Module:
 class Trainer:
     def __init__(self, cfg: Config, *, resume: str | None = None):
         self.cfg = cfg
-        # First thing: a preemption signal during start-up (DeepSpeed may be compiling an op and
-        # holding its lock) must not kill the process; it is honoured after the first step.
+        # First thing: SIGTERM/SIGUSR1 handlers. During start-up they end the process at once (nothing
+        # to save yet; a rank waiting for its peers must not linger); once training runs they ask for a
+        # checkpoint after the current step. Then the run folder, before the slow part of start-up.
         self._stop_requested = False
+        self._started = False
         self._install_signal_handlers()
-        self.info, self.device = ddist.init(cfg.run.device)  # before DeepSpeed picks its accelerator
+        check_output_dir(cfg.run_dir, cfg.run.output_dir, cfg.run.name)
+        watchdog.set_phase("start-up: process-group rendezvous")
+        self.info, self.device = ddist.init(cfg.run.device, timeout_s=cfg.run.collective_timeout_s)
+        watchdog.set_phase("start-up: building the mesh, data loaders, model and DeepSpeed engine")
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # Ranks on one host share its cores; more threads than cores makes every matmul crawl.
             local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or self.info.world_size)
@@ -190,6 +196,8 @@ class Trainer:
         )
         self.peak_tflops = device_peak_tflops(self.device, cfg.log.peak_tflops)
         self._print_plan(ds_config)
+        watchdog.set_phase(lambda: f"training step {self.step + 1}")
+        self._started = True
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -322,6 +330,14 @@ class Trainer:
                     signal.signal(signum, signal.SIG_DFL)
                     os.kill(os.getpid(), signum)
                 return
+            errors.note_signal(signum)
+            if not self._started and signum == signal.SIGTERM:
+                # Start-up (e.g. waiting for a peer): no step to finish, nothing to save. Unwinding
+                # releases what is held (the op-build lock is freed in a `finally`). USR1, the
+                # scheduler's "checkpoint and requeue" warning, is still honoured after the first step.
+                if errors.rank() == 0:
+                    print(f"distvit: stopped by signal {signum} during start-up (nothing to save yet)", file=sys.stderr, flush=True)
+                raise SystemExit(128 + signum)
             self._stop_requested = True
             log0(f"signal {signum}: saving a checkpoint after this step, then exiting for requeue")
 

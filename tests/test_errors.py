@@ -1,0 +1,139 @@
+"""One-line errors everywhere (issue 14): every entry point, single and multi-rank, full disk included."""
+import errno
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from distvit import errors
+from trainer_helpers import ROOT, free_port, run_env
+
+DISTVIT = [sys.executable, "-m", "distvit.cli"]
+
+
+def _train_args(digits_dir, tmp_path, *extra):
+    sets = [f"run.output_dir={tmp_path}/runs", "run.name=e", "run.max_steps=2", "log.progress=false",
+            "log.tensorboard=false", f"data.train={digits_dir}/train-*.tar", f"data.val={digits_dir}/val-*.tar", *extra]
+    return ["--config", "demo_digits"] + [a for s in sets for a in ("--set", s)]
+
+
+def _run(cmd, **env):
+    return subprocess.run(cmd, cwd=ROOT, env=run_env(PYTHONPATH=ROOT, **env), capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(proc, prefix="distvit: error"):
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(prefix), proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_unwritable_output_dir_fails_before_start_up_in_one_line(digits_dir, tmp_path):
+    (tmp_path / "afile").write_text("")
+    start = time.monotonic()
+    proc = _run(DISTVIT + ["train", *_train_args(digits_dir, tmp_path, f"run.output_dir={tmp_path}/afile")])
+    took = time.monotonic() - start
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert f"run folder '{tmp_path}/afile/e' (run.output_dir={tmp_path}/afile, run.name=e) is not writable" in line
+    assert "set run.output_dir to a folder you can write" in line
+    assert "deepspeed" not in proc.stdout.lower()  # before process groups and DeepSpeed
+    assert took < 120, took  # noisy: imports on a shared machine
+
+
+def test_debug_env_adds_the_traceback(digits_dir, tmp_path):
+    (tmp_path / "afile").write_text("")
+    proc = _run([sys.executable, str(ROOT / "launch/train.py"),
+                 *_train_args(digits_dir, tmp_path, f"run.output_dir={tmp_path}/afile")], DISTVIT_DEBUG=1)
+    assert proc.returncode == 2
+    assert "Traceback (most recent call last)" in proc.stderr and "check_output_dir" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("distvit: error: run folder")
+
+
+def test_full_disk_is_one_line_naming_the_disk(digits_dir, tmp_path):
+    """A 1 MiB tmpfs as the output disk: the checkpoint save fills it (torch's writer fails in C++)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        proc = _run(DISTVIT + ["train", *_train_args(digits_dir, tmp_path, f"run.output_dir={mnt}")])
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert len([x for x in proc.stderr.splitlines() if "error" in x.lower()]) == 1, proc.stderr[-3000:]
+    assert line.startswith("distvit: error: ") and "basic_ios" not in line
+    assert f"({mnt}/e has 0 MiB free)" in line and "point run.output_dir at a larger disk" in line
+
+
+@pytest.mark.multirank
+def test_same_error_on_every_rank_is_printed_once(digits_dir, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           str(ROOT / "launch/train.py"), *_train_args(digits_dir, tmp_path, f"data.train={tmp_path}/nope-*.tar")]
+    proc = _run(cmd)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("distvit: error")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert f"shard pattern '{tmp_path}/nope-*.tar' matches no shard" in lines[0]
+    assert "[rank" not in proc.stderr  # no rank-prefixed Python traceback
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["ckpt", "prune", "{tmp}/nope", "--keep", "2"], "distvit ckpt: error: {tmp}/nope: no such folder"),
+    (["ckpt", "prune", "{tmp}", "--keep", "0"], "distvit ckpt: error: --keep 0: must be >= 1"),
+    (["ckpt", "prune", "{tmp}", "--keep", "-1"], "distvit ckpt: error: --keep -1: must be >= 1"),
+    (["data", "verify", "{tmp}/nope-*.tar"], "distvit data: error: "),
+    (["train", "--set", "model.name=vit_digit"], "distvit: error: bad value for config key 'model.name' (from --set "
+                                                 "model.name=vit_digit): no model named 'vit_digit'; did you mean vit_digits"),
+])
+def test_every_verb_prints_one_line(tmp_path, argv, expected):
+    proc = _run(DISTVIT + [a.format(tmp=tmp_path) for a in argv])
+    assert proc.returncode == 2
+    _one_error_line(proc, prefix=expected.format(tmp=tmp_path))
+
+
+def test_distvit_own_value_errors_are_user_errors_third_party_are_not():
+    from distvit import models
+
+    with pytest.raises(ValueError) as e:
+        models.create("vit_digit")
+    assert errors.user_message(e.value).startswith("unknown model 'vit_digit'; did you mean vit_digits")
+    try:
+        import torch
+
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], betas=(1.5, 0.9))
+    except ValueError as exc:
+        assert errors.user_message(exc) is None
+
+
+def test_data_worker_error_is_reduced_to_its_message():
+    from distvit.data.errors import DataError
+
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                        '  File "x.py", line 1, in f\n    raise DataError(...)\n'
+                        "distvit.data.errors.DataError: bad data in shard 's.tar': truncated; fix or remove it\n")
+    assert errors.user_message(wrapped) == "bad data in shard 's.tar': truncated; fix or remove it"
+
+
+def test_os_errors_are_reworded(tmp_path):
+    errors.note_output_dir(tmp_path)
+    full = errors.user_message(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.pt")))
+    assert full.startswith(f"no space left on the device writing '{tmp_path}/x.pt' ({tmp_path} has ")
+    denied = errors.user_message(PermissionError(errno.EACCES, "Permission denied", "/ro/x"))
+    assert denied.startswith("cannot write '/ro/x': Permission denied; make it writable or set run.output_dir")
+
+
+def test_internal_error_is_one_line_with_the_debug_hint(capsys, monkeypatch):
+    monkeypatch.delenv("DISTVIT_DEBUG", raising=False)
+
+    def boom():
+        raise KeyError("x")
+
+    assert errors.guard("distvit", boom) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("distvit: error: internal error: KeyError: 'x' at test_errors.py:")
+    assert err[0].endswith("rerun with DISTVIT_DEBUG=1 for the traceback and report it")
