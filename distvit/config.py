@@ -53,6 +53,9 @@ class ModelConfig(Section):
     drop_path_rate: float = 0.0
     attn_backend: Literal["auto", "sdpa", "flash", "math"] = "auto"
     checkpoint: str | None = None  # initial weights (.safetensors / .pt), e.g. timm's
+    # Fine-tuning: re-initialise the checkpoint's classifier. null: only when its class count differs
+    # from num_classes (said in one line); true: always; false: never (a misfit is an error).
+    reset_head: bool | None = None
 
     @field_validator("drop_path_rate")
     @classmethod

@@ -79,7 +79,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
     )
     if num_classes:
         overrides["num_classes"] = num_classes
-    return models.create(cfg.model.name, checkpoint=cfg.model.checkpoint, **overrides)
+    return models.create(cfg.model.name, checkpoint=cfg.model.checkpoint, reset_head=cfg.model.reset_head, **overrides)
 
 
 class Trainer:
