@@ -15,6 +15,8 @@ TORCH_PIN := torch==2.13.0
 TIMM_PIN  := timm==1.0.31
 TIMM_DIR  := $(VENV)/reference
 RUN_NAME  ?= demo_digits-$(shell date +%Y%m%d-%H%M%S)
+DEMO_LINK ?= runs/demo_digits# points at the newest demo run (the README's next commands use it)
+DEMO_EPOCHS ?= 30# e.g. make demo DEMO_EPOCHS=3 for a shorter demo
 DEMO_RANKS ?= 2
 PYTEST_ARGS ?=
 
@@ -44,7 +46,8 @@ data/digits/dataset.json: | $(VENV)/.installed
 
 demo: $(VENV)/.installed data/digits/dataset.json
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_accelerators $(DEMO_RANKS) --master_port $$($(PY) -c 'import distvit.dist as d; print(d.free_port())') \
-		launch/train.py --config configs/demo_digits.yaml --set run.name=$(RUN_NAME)
+		launch/train.py --config configs/demo_digits.yaml --set run.name=$(RUN_NAME) --set run.epochs=$(DEMO_EPOCHS)
+	$(PY) -m distvit.run_link runs/$(RUN_NAME) $(DEMO_LINK)
 
 test: $(VENV)/.installed-dev
 	-bash tests/ops/install_ops_deps.sh  # Slurm + Open MPI for tests/test_slurm.py, test_mpi.py (they skip, saying why, if this fails)

@@ -1,0 +1,87 @@
+"""The newcomer's path as the README writes it (issue 20): `make demo`, then the next commands on
+`runs/demo_digits`, distillation and fine-tuning from the demo's weights, eval and predict.
+
+`demo_run` runs the real `make demo` once (DEMO_EPOCHS=1) in a copy of the project files, with the
+shared venv as VENV (its install stamps are kept newer than the copied pyproject.toml, so make installs
+nothing) and this checkout first on PYTHONPATH.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distvit.run_link import link_run
+from trainer_helpers import ROOT, run_env, summary
+
+VENV = Path(sys.executable).parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = run_env(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, digits_dir):
+    """A project copy after `make demo DEMO_EPOCHS=1`: (project dir, make's stdout)."""
+    if not (VENV / ".installed").is_file():
+        pytest.skip(f"{VENV} has no make install stamp")
+    proj = tmp_path_factory.mktemp("project")
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, proj / name)
+    os.utime(proj / "pyproject.toml", (0, 0))  # older than the venv's stamps: make installs nothing
+    for name in ("configs", "launch"):
+        shutil.copytree(ROOT / name, proj / name)
+    (proj / "data").mkdir()
+    (proj / "data" / "digits").symlink_to(digits_dir, target_is_directory=True)
+    proc = _run(["make", "demo", f"VENV={VENV}", "DEMO_EPOCHS=1", "RUN_NAME=demo_digits-test"], proj, timeout=900)
+    return proj, proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_make_demo_links_runs_demo_digits_and_the_next_commands_work(demo_run):
+    proj, out = demo_run
+    assert "run folder: runs/demo_digits-test (linked as runs/demo_digits" in out
+    assert (proj / "runs" / "demo_digits").is_symlink()
+    assert summary(proj / "runs" / "demo_digits")["epochs"] == pytest.approx(1.0)
+    inspect = _run([str(BIN / "distvit"), "ckpt", "inspect", "runs/demo_digits/checkpoints"], proj)
+    assert "step" in inspect.stdout
+    # configs/deit_digits_distill.yaml reads runs/demo_digits/model.safetensors: it starts and trains.
+    _run([str(BIN / "distvit"), "train", "--config", "configs/deit_digits_distill.yaml", "--set", "run.max_steps=2",
+          "--set", "log.progress=false", "--set", "checkpoint.export=false"], proj)
+    assert summary(proj / "runs" / "deit_digits_distill")["steps"] == 2
+
+
+def test_link_run_replaces_the_link_and_leaves_a_real_folder(tmp_path):
+    for name in ("a", "b", "real"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("run: {}\n")
+    link = tmp_path / "demo"
+    assert "linked as" in link_run(tmp_path / "a", link)
+    assert os.readlink(link) == "a"
+    link_run(tmp_path / "b", link)
+    assert os.readlink(link) == "b" and (link / "config.yaml").is_file()
+    assert "left as it is" in link_run(tmp_path / "a", tmp_path / "real")
+    assert not (tmp_path / "real").is_symlink()
+    with pytest.raises(FileNotFoundError, match="is not a run folder"):
+        link_run(tmp_path / "nope", link)
+
+
+def test_makefile_knobs_and_readme_paths_agree():
+    dry = subprocess.run(["make", "-n", "demo", f"VENV={VENV}", "RUN_NAME=r1", "DEMO_EPOCHS=3"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "--set run.name=r1 --set run.epochs=3" in dry
+    assert "-m distvit.run_link runs/r1 runs/demo_digits" in dry
+    readme = (ROOT / "README.md").read_text()
+    assert "distvit ckpt inspect runs/demo_digits/checkpoints" in readme
+    assert "DEMO_EPOCHS" in readme
+    assert "runs/demo_digits/model.safetensors" in (ROOT / "configs" / "deit_digits_distill.yaml").read_text()
