@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         "train": ("train a model (see `distvit train --help`)", train),
         "data": ("write, verify and inspect webdataset shards", lambda a: _lazy("distvit.data.cli", a)),
         "ckpt": ("inspect, consolidate, reshape, verify and prune checkpoints", lambda a: _lazy("distvit.checkpoint.cli", a)),
+        "eval": ("top-1/top-5, per-class accuracy, confusion matrix of a run", lambda a: _lazy("distvit.evaluate", a)),
+        "predict": ("top-k classes of image files", lambda a: _lazy("distvit.predict", a)),
     }
     parser = argparse.ArgumentParser(prog="distvit", description="Distributed training of vision transformers.")
     parser.add_argument("--version", action="version", version=f"distvit {__version__}")

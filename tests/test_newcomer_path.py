@@ -85,3 +85,21 @@ def test_makefile_knobs_and_readme_paths_agree():
     assert "distvit ckpt inspect runs/demo_digits/checkpoints" in readme
     assert "DEMO_EPOCHS" in readme
     assert "runs/demo_digits/model.safetensors" in (ROOT / "configs" / "deit_digits_distill.yaml").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_eval_and_predict_on_the_demo_run(demo_run, digits_dir):
+    proj, _ = demo_run
+    s = summary(proj / "runs" / "demo_digits")
+    out = _run([str(BIN / "distvit"), "eval", "--checkpoint", "runs/demo_digits", "--data", "data/digits/val-*.tar"], proj).stdout
+    # The same top-1 as the trainer's own validation at the end of the run (same samples, same preprocessing).
+    assert f"top-1 {s['final_top1']:.2f}%" in out and "360 images" in out
+    assert (proj / "runs" / "demo_digits" / "eval" / "confusion.png").is_file()
+    import tarfile
+
+    with tarfile.open(sorted(digits_dir.glob("val-*.tar"))[0]) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+        (proj / "digit.png").write_bytes(tar.extractfile(member).read())
+    out = _run([str(BIN / "distvit"), "predict", "--checkpoint", "runs/demo_digits", "--top-k", "2", "digit.png"], proj).stdout
+    assert out.startswith("digit.png: ") and out.count("(") == 2
