@@ -92,3 +92,24 @@ def test_config_key_reaches_the_model(tmp_path, digits_dir):
         build_model(load_config("configs/demo_digits.yaml", sets + ["model.num_classes=5", "model.reset_head=false"]))
     m = build_model(load_config("configs/demo_digits.yaml", sets + ["model.reset_head=true"]))
     assert not torch.equal(m.head.weight, src.head.weight)
+
+
+def test_digits_writer_keeps_the_first_n_classes(tmp_path):
+    import tarfile
+
+    from distvit.data import write_digits
+    from distvit.data.cli import main as data_main
+
+    assert data_main(["write", "digits", "--classes", "5", "--out", str(tmp_path / "d5"), "--no-progress"]) == 0
+    import json
+
+    m = json.loads((tmp_path / "d5" / "dataset.json").read_text())
+    assert m["num_classes"] == 5 and m["classes"] == ["0", "1", "2", "3", "4"]
+    labels = set()
+    for shard in (tmp_path / "d5").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            labels |= {int(tar.extractfile(t).read()) for t in tar.getmembers() if t.name.endswith(".cls")}
+    assert labels == {0, 1, 2, 3, 4}
+    assert m["samples"]["train"] + m["samples"]["val"] == 901  # sklearn digits 0-4: 178+182+177+183+181
+    with pytest.raises(ValueError, match="give 2 to 10"):
+        write_digits(tmp_path / "x", classes=11)

@@ -1,7 +1,7 @@
 """The newcomer's path as the README writes it (issue 20): `make demo`, then the next commands on
 `runs/demo_digits`, distillation and fine-tuning from the demo's weights, eval and predict.
 
-`demo_run` runs the real `make demo` once (DEMO_EPOCHS=1) in a copy of the project files, with the
+`demo_run` runs the real `make demo` once (DEMO_EPOCHS=6, enough to fine-tune from) in a copy of the project files, with the
 shared venv as VENV (its install stamps are kept newer than the copied pyproject.toml, so make installs
 nothing) and this checkout first on PYTHONPATH.
 """
@@ -31,7 +31,7 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, digits_dir):
-    """A project copy after `make demo DEMO_EPOCHS=1`: (project dir, make's stdout)."""
+    """A project copy after `make demo DEMO_EPOCHS=6`: (project dir, make's stdout)."""
     if not (VENV / ".installed").is_file():
         pytest.skip(f"{VENV} has no make install stamp")
     proj = tmp_path_factory.mktemp("project")
@@ -42,7 +42,7 @@ def demo_run(tmp_path_factory, digits_dir):
         shutil.copytree(ROOT / name, proj / name)
     (proj / "data").mkdir()
     (proj / "data" / "digits").symlink_to(digits_dir, target_is_directory=True)
-    proc = _run(["make", "demo", f"VENV={VENV}", "DEMO_EPOCHS=1", "RUN_NAME=demo_digits-test"], proj, timeout=900)
+    proc = _run(["make", "demo", f"VENV={VENV}", "DEMO_EPOCHS=6", "RUN_NAME=demo_digits-test"], proj, timeout=900)
     return proj, proc.stdout
 
 
@@ -52,7 +52,7 @@ def test_make_demo_links_runs_demo_digits_and_the_next_commands_work(demo_run):
     proj, out = demo_run
     assert "run folder: runs/demo_digits-test (linked as runs/demo_digits" in out
     assert (proj / "runs" / "demo_digits").is_symlink()
-    assert summary(proj / "runs" / "demo_digits")["epochs"] == pytest.approx(1.0)
+    assert summary(proj / "runs" / "demo_digits")["epochs"] == pytest.approx(6.0)
     inspect = _run([str(BIN / "distvit"), "ckpt", "inspect", "runs/demo_digits/checkpoints"], proj)
     assert "step" in inspect.stdout
     # configs/deit_digits_distill.yaml reads runs/demo_digits/model.safetensors: it starts and trains.
@@ -103,3 +103,30 @@ def test_eval_and_predict_on_the_demo_run(demo_run, digits_dir):
         (proj / "digit.png").write_bytes(tar.extractfile(member).read())
     out = _run([str(BIN / "distvit"), "predict", "--checkpoint", "runs/demo_digits", "--top-k", "2", "digit.png"], proj).stdout
     assert out.startswith("digit.png: ") and out.count("(") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_finetune_config_trains_the_demo_weights_onto_5_classes(demo_run):
+    proj, _ = demo_run
+    out = _run([str(BIN / "distvit"), "data", "write", "digits", "--classes", "5", "--out", "data/digits5",
+                "--no-progress"], proj).stdout
+    assert "classes: 5" in out
+    proc = _run([str(BIN / "distvit"), "train", "--config", "configs/finetune_digits.yaml", "--set", "log.progress=false",
+                 "--set", "run.epochs=2"], proj)
+    text = proc.stdout + proc.stderr
+    assert text.count("classifier re-initialised for 5 classes (the file's has 10): head.weight, head.bias") == 1
+    s = summary(proj / "runs" / "finetune_digits")
+    # The same 2 epochs from scratch: the demo's trunk is what makes the difference.
+    _run([str(BIN / "distvit"), "train", "--config", "configs/finetune_digits.yaml", "--set", "log.progress=false",
+          "--set", "run.epochs=2", "--set", "model.checkpoint=null", "--set", "run.name=scratch"], proj)
+    scratch = summary(proj / "runs" / "scratch")
+    print("demo", summary(proj / "runs" / "demo_digits")["final_top1"], "fine-tuned", s["final_top1"], "scratch", scratch["final_top1"])
+    # Measured once (2 busy cores): demo 50.3%, fine-tuned 71.3%, scratch 26.0% top-1 (deterministic on CPU).
+    assert s["status"] == "finished" and s["final_top1"] > scratch["final_top1"] + 20, (s, scratch)
+    from distvit import models
+    from trainer_helpers import load_weights
+
+    demo, tuned = load_weights(proj / "runs" / "demo_digits" / "model.safetensors"), load_weights(proj / "runs" / "finetune_digits" / "model.safetensors")
+    assert tuned["head.weight"].shape == (5, 64) and demo["head.weight"].shape == (10, 64)
+    models.create("vit_digits", num_classes=5, checkpoint=str(proj / "runs" / "finetune_digits" / "model.safetensors"))
