@@ -68,6 +68,11 @@ class ModelConfig(Section):
 class OptimConfig(Section):
     name: Literal["adamw"] = "adamw"
     lr: float = 1e-3  # peak learning rate
+    # ... or the peak LR at a reference global batch, scaled to the run's (timm's --lr-base;
+    # distvit/engine/lr_scale.py): lr = lr_base * (global_batch / lr_base_size), or its sqrt.
+    lr_base: float | None = None
+    lr_base_size: int = 256
+    lr_base_scale: Literal["linear", "sqrt"] = "linear"
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8

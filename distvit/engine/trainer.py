@@ -30,7 +30,7 @@ from distvit.checkpoint import io as ckio
 from distvit.checkpoint.reshape import COMMON_STATE, is_reshaped, is_universal
 from distvit.config import Config, ConfigError, save_config
 from distvit.data import build_train_loader, build_val_loader, read_manifest
-from distvit.engine import distill
+from distvit.engine import distill, lr_scale
 from distvit.engine.deepspeed_config import build_ds_config, resolve_precision
 from distvit.engine.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
 from distvit.engine.optim import build_optimizer
@@ -97,6 +97,7 @@ class Trainer:
         import deepspeed
 
         self.mesh = ddist.Mesh.build(cfg.parallel.sp_size)
+        self.lr_line = lr_scale.apply(cfg, self.mesh.dp_size)  # optim.lr_base -> optim.lr for this world size
         self.rank = self.mesh.rank
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir
@@ -219,6 +220,7 @@ class Trainer:
             f"  global batch {global_batch} = {cfg.data.batch_size} per rank x {cfg.parallel.grad_accum} accum x "
             f"{self.mesh.dp_size} dp; {self.steps_per_epoch} steps/epoch; {self.total_steps} steps in all"
             + (f"; {tokens} tokens/image, {tokens * global_batch} tokens/step" if tokens else ""),
+            f"  {self.lr_line}",
         ]
         if self.flops_per_image:
             lines.append(f"  {3 * self.flops_per_image * global_batch / 1e12:.4f} TFLOPs/step (fwd+bwd)")
