@@ -99,7 +99,7 @@ class ParallelConfig(Section):
     sub_group_size: int | Literal["auto"] = "auto"
     sp_size: int = 1
     sp_impl: Literal["ulysses", "ring"] = "ulysses"
-    deepspeed_extra: str | None = None  # a DeepSpeed JSON merged into the generated config
+    deepspeed_extra: str | dict[str, Any] | None = None  # DeepSpeed JSON merged in: a file path, or inline JSON / mapping
 
     @model_validator(mode="after")
     def _consistent(self):
