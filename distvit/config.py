@@ -3,7 +3,8 @@
     cfg = load_config("configs/demo_digits.yaml", overrides=["optim.lr=3e-3", "run.name=try2"])
 
 A YAML file may inherit from other files with a top-level `base:` (a path relative to the file,
-or a list of them, merged in order, the file itself last). `--set section.key=value` values are
+or the name of a shipped config such as `demo_digits`, or a list of them, merged in order, the
+file itself last). `--set section.key=value` values are
 parsed as YAML scalars (`1e-3`, `true`, `[1, 2]`, `null`) and then validated against the field's
 type by pydantic. Every error is one line naming the bad key, where it came from (file or flag)
 and the fix; unknown keys get a difflib suggestion.
@@ -236,8 +237,11 @@ def _load_file(path: Path, origins: dict[str, str], stack: tuple[Path, ...] = ()
     merged: dict = {}
     for base in [bases] if isinstance(bases, str) else (bases or []):
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not base_path.is_file() and not Path(base).is_absolute():  # a shipped config by name, as --config finds it
+            base_path = next((c for c in (CONFIG_DIR / base, CONFIG_DIR / f"{base}.yaml") if c.is_file()), base_path)
         if not base_path.is_file():
-            raise ConfigError(f"{path}: base '{base}' not found (looked at {base_path}); fix the `base:` path")
+            raise ConfigError(f"{path}: base '{base}' not found (looked at {base_path} and in {CONFIG_DIR}); fix the "
+                              f"`base:` path, or name a shipped config: {', '.join(shipped_configs()) or 'none'}")
         _merge(merged, _load_file(base_path, origins, (*stack, path)), origins, str(base_path))
     _merge(merged, data, origins, str(path))
     return merged

@@ -130,3 +130,18 @@ def test_finetune_config_trains_the_demo_weights_onto_5_classes(demo_run):
     demo, tuned = load_weights(proj / "runs" / "demo_digits" / "model.safetensors"), load_weights(proj / "runs" / "finetune_digits" / "model.safetensors")
     assert tuned["head.weight"].shape == (5, 64) and demo["head.weight"].shape == (10, 64)
     models.create("vit_digits", num_classes=5, checkpoint=str(proj / "runs" / "finetune_digits" / "model.safetensors"))
+
+
+def test_base_finds_a_shipped_config_by_name(tmp_path):
+    from distvit.config import ConfigError, load_config
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: demo_digits\nrun: {name: mine}\n")
+    cfg = load_config(mine)
+    assert cfg.run.name == "mine" and cfg.model.name == "vit_digits" and cfg.optim.lr == 2e-3
+    (tmp_path / "local.yaml").write_text("run: {seed: 7}\n")
+    mine.write_text("base: [demo_digits.yaml, local.yaml]\n")  # a file next to it still wins over nothing
+    assert load_config(mine).run.seed == 7 and load_config(mine).run.epochs == 30
+    mine.write_text("base: demo_digit\n")
+    with pytest.raises(ConfigError, match=r"base 'demo_digit' not found .* name a shipped config: .*demo_digits.yaml"):
+        load_config(mine)
