@@ -50,7 +50,7 @@ def train(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, TrainingDiverged) as exc:
         print(f"distvit: error: {exc}", file=sys.stderr)
         return 2
-    if trainer.is_main:
+    if trainer.is_main and not summary.get("nothing_to_train"):  # else the trainer said so in one line
         print_summary(summary)
     from distvit import dist as ddist
 

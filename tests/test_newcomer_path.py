@@ -145,3 +145,20 @@ def test_base_finds_a_shipped_config_by_name(tmp_path):
     mine.write_text("base: demo_digit\n")
     with pytest.raises(ConfigError, match=r"base 'demo_digit' not found .* name a shipped config: .*demo_digits.yaml"):
         load_config(mine)
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_says_so_in_one_line(digits_dir, tmp_path):
+    from trainer_helpers import launch
+
+    sets = [f"run.output_dir={tmp_path}", "run.name=done", "run.max_steps=2", "log.progress=false",
+            "log.tensorboard=false", f"data.train={digits_dir}/train-*.tar", "data.val=null", "checkpoint.export=false"]
+    args = ["--config", "demo_digits"] + [a for s in sets for a in ("--set", s)]
+    launch(args, launcher="distvit")
+    before = (tmp_path / "done" / "summary.json").read_text()
+    proc = launch(args + ["--resume", "auto"], launcher="distvit")
+    lines = [line for line in proc.stdout.splitlines() if "nothing to train" in line]
+    assert lines == [f"nothing to train: {tmp_path}/done/checkpoints/step_00000002 is at step 2 and run.max_steps=2 "
+                     f"ends the run at step 2; its results are in {tmp_path}/done; raise run.max_steps to train further"]
+    assert "done: finished" not in proc.stdout and "img/s" not in proc.stdout
+    assert (tmp_path / "done" / "summary.json").read_text() == before

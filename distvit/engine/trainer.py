@@ -417,6 +417,12 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
+        if self.step >= self.total_steps:  # resumed at or past the end: one line, nothing rewritten
+            limit = f"run.max_steps={cfg.run.max_steps}" if cfg.run.max_steps else f"run.epochs={cfg.run.epochs}"
+            log0(f"nothing to train: {self.resume_from} is at step {self.step} and {limit} ends the run at step "
+                 f"{self.total_steps}; its results are in {self.run_dir}; raise {limit.split('=')[0]} to train further")
+            self.metrics.close()
+            return {"status": "finished", "nothing_to_train": True, "steps": self.step, "run_dir": str(self.run_dir)}
         start = time.perf_counter()
         batches = self._micro_batches()
         progress = None
