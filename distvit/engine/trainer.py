@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distvit import dist as ddist
-from distvit import models
+from distvit import launch_check, models
 from distvit.checkpoint import io as ckio
 from distvit.checkpoint.reshape import COMMON_STATE, is_reshaped, is_universal
 from distvit.config import Config, ConfigError, save_config
@@ -89,6 +89,7 @@ class Trainer:
         # holding its lock) must not kill the process; it is honoured after the first step.
         self._stop_requested = False
         self._install_signal_handlers()
+        launch_check.check_accelerate_cpu()  # `accelerate launch --cpu --num_processes N` runs 1 process
         self.info, self.device = ddist.init(cfg.run.device)  # before DeepSpeed picks its accelerator
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # Ranks on one host share its cores; more threads than cores makes every matmul crawl.
