@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import random
@@ -101,6 +102,8 @@ class Trainer:
         self.lr_line = lr_scale.apply(cfg, self.mesh.dp_size)  # optim.lr_base -> optim.lr for this world size
         self.rank = self.mesh.rank
         self.is_main = self.rank == 0
+        if not self.is_main:  # the weights loader's notes (e.g. head re-initialised): one line per run, not per rank
+            logging.getLogger("distvit.models").setLevel(logging.ERROR)
         self.run_dir = cfg.run_dir
         self.ckpt_root = self.run_dir / "checkpoints"
         if cfg.run.deterministic:
