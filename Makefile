@@ -18,6 +18,8 @@ TORCH_PIN := torch==2.13.0
 TIMM_PIN  := timm==1.0.31
 TIMM_DIR  := $(VENV)/reference
 RUN_NAME  ?= demo_digits-$(shell date +%Y%m%d-%H%M%S)
+DEMO_LINK ?= runs/demo_digits# points at the newest demo run (the README's next commands use it)
+DEMO_EPOCHS ?= 30# e.g. make demo DEMO_EPOCHS=3 for a shorter demo
 DEMO_RANKS ?= 2
 PYTEST_ARGS ?=
 WHEELHOUSE ?= wheelhouse
@@ -50,7 +52,8 @@ data/digits/dataset.json: | $(VENV)/.installed
 # exit); the single-host `deepspeed` runner dies alone and leaves its ranks training (docs/reliability.md).
 demo: $(VENV)/.installed data/digits/dataset.json
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(DEMO_RANKS) --master-port $$($(PY) -c 'import distvit.dist as d; print(d.free_port())') \
-		launch/train.py --config configs/demo_digits.yaml --set run.name=$(RUN_NAME)
+		launch/train.py --config configs/demo_digits.yaml --set run.name=$(RUN_NAME) --set run.epochs=$(DEMO_EPOCHS)
+	$(PY) -m distvit.run_link runs/$(RUN_NAME) $(DEMO_LINK)
 
 test: $(VENV)/.installed-dev
 	-bash tests/ops/install_ops_deps.sh  # Slurm + Open MPI for tests/test_slurm.py, test_mpi.py (they skip, saying why, if this fails)

@@ -49,7 +49,7 @@ def _train(argv: list[str] | None) -> int:
 
     trainer = Trainer(cfg, resume=args.resume)
     summary = trainer.fit()
-    if trainer.is_main:
+    if trainer.is_main and not summary.get("nothing_to_train"):  # else the trainer said so in one line
         print_summary(summary)
     from distvit import dist as ddist
 
@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         "train": ("train a model (see `distvit train --help`)", train),
         "data": ("write, verify and inspect webdataset shards", lambda a: _lazy("distvit.data.cli", a)),
         "ckpt": ("inspect, consolidate, reshape, verify and prune checkpoints", lambda a: _lazy("distvit.checkpoint.cli", a)),
+        "eval": ("top-1/top-5, per-class accuracy, confusion matrix of a run", lambda a: _lazy("distvit.evaluate", a)),
+        "predict": ("top-k classes of image files", lambda a: _lazy("distvit.predict", a)),
     }
     parser = argparse.ArgumentParser(prog="distvit", description="Distributed training of vision transformers.")
     parser.add_argument("--version", action="version", version=f"distvit {__version__}")

@@ -3,7 +3,8 @@
     cfg = load_config("configs/demo_digits.yaml", overrides=["optim.lr=3e-3", "run.name=try2"])
 
 A YAML file may inherit from other files with a top-level `base:` (a path relative to the file,
-or a list of them, merged in order, the file itself last). `--set section.key=value` values are
+or the name of a shipped config such as `demo_digits`, or a list of them, merged in order, the
+file itself last). `--set section.key=value` values are
 parsed as YAML scalars (`1e-3`, `true`, `[1, 2]`, `null`) and then validated against the field's
 type by pydantic. Every error is one line naming the bad key, where it came from (file or flag)
 and the fix; unknown keys get a difflib suggestion.
@@ -74,6 +75,9 @@ class ModelConfig(Section):
     attn_backend: Literal["auto", "sdpa", "flash", "math"] = "auto"
     checkpoint: str | None = None  # initial weights (.safetensors / .pt), e.g. timm's
     freeze: list[str] = []  # fnmatch patterns of parameter names to freeze, e.g. ["patch_embed.*", "blocks.[0-5].*"]
+    # Fine-tuning: re-initialise the checkpoint's classifier. null: only when its class count differs
+    # from num_classes (said in one line); true: always; false: never (a misfit is an error).
+    reset_head: bool | None = None
 
     @field_validator("drop_path_rate")
     @classmethod
@@ -86,6 +90,11 @@ class ModelConfig(Section):
 class OptimConfig(Section):
     name: Literal["adamw", "lamb", "sgd"] = "adamw"
     lr: float = 1e-3  # peak learning rate
+    # ... or the peak LR at a reference global batch, scaled to the run's (timm's --lr-base;
+    # distvit/engine/lr_scale.py): lr = lr_base * (global_batch / lr_base_size), or its sqrt.
+    lr_base: float | None = None
+    lr_base_size: int = 256
+    lr_base_scale: Literal["linear", "sqrt"] = "linear"
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -167,7 +176,7 @@ class ParallelConfig(Section):
     sp_size: int = 1
     sp_impl: Literal["ulysses", "ring", "hybrid"] = "ulysses"
     ulysses_size: int | None = None  # sp_impl=hybrid: ranks per Ulysses group (divides sp_size); ring across them
-    deepspeed_extra: str | None = None  # a DeepSpeed JSON merged into the generated config
+    deepspeed_extra: str | dict[str, Any] | None = None  # DeepSpeed JSON merged in: a file path, or inline JSON / mapping
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -342,8 +351,11 @@ def _load_file(path: Path, origins: dict[str, str], stack: tuple[Path, ...] = ()
     merged: dict = {}
     for base in [bases] if isinstance(bases, str) else (bases or []):
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not base_path.is_file() and not Path(base).is_absolute():  # a shipped config by name, as --config finds it
+            base_path = next((c for c in (CONFIG_DIR / base, CONFIG_DIR / f"{base}.yaml") if c.is_file()), base_path)
         if not base_path.is_file():
-            raise ConfigError(f"{path}: base '{base}' not found (looked at {base_path}); fix the `base:` path")
+            raise ConfigError(f"{path}: base '{base}' not found (looked at {base_path} and in {CONFIG_DIR}); fix the "
+                              f"`base:` path, or name a shipped config: {', '.join(shipped_configs()) or 'none'}")
         _merge(merged, _load_file(base_path, origins, (*stack, path)), origins, str(base_path))
     _merge(merged, data, origins, str(path))
     return merged

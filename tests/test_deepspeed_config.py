@@ -82,3 +82,33 @@ def test_user_json_missing_or_invalid(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="is not valid JSON"):
         ds(f"parallel.deepspeed_extra={bad}")
+
+
+def test_harmless_keys_take_the_users_value_inline_or_from_a_file(tmp_path):
+    """Issue 20: wall_clock_breakdown / steps_per_print were refused with advice to set distvit keys that do not exist."""
+    extra = {"wall_clock_breakdown": True, "steps_per_print": 50, "zero_optimization": {"overlap_comm": True},
+             "fp16": {"initial_scale_power": 12}}
+    f = tmp_path / "extra.json"
+    f.write_text(json.dumps(extra))
+    inline = "parallel.deepspeed_extra=" + json.dumps(extra)  # --set parses it as a YAML mapping
+    quoted = "parallel.deepspeed_extra='" + json.dumps(extra) + "'"  # ... or quoted: JSON text
+    for override in (f"parallel.deepspeed_extra={f}", inline, quoted):
+        c = ds(override)
+        assert c["wall_clock_breakdown"] is True and c["steps_per_print"] == 50, override
+        assert c["zero_optimization"]["overlap_comm"] is True and c["zero_optimization"]["stage"] == 2
+        assert c["fp16"]["initial_scale_power"] == 12 and c["fp16"]["enabled"] is False
+
+
+def test_true_conflicts_name_the_distvit_key_to_set():
+    with pytest.raises(ConfigError) as e:
+        ds('parallel.deepspeed_extra={"gradient_clipping": 5.0, "bf16": {"enabled": true}, '
+           '"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}')
+    msg = str(e.value)
+    assert msg.startswith("parallel.deepspeed_extra (inline) conflicts with the distvit config: ")
+    assert "gradient_clipping is 5.0 in the JSON but 1.0 from distvit (set optim.grad_clip)" in msg
+    assert "bf16.enabled is True in the JSON but False from distvit (set parallel.precision)" in msg
+    assert "zero_optimization.offload_optimizer is {'device': 'cpu'} in the JSON but derived by distvit (set parallel.offload)" in msg
+    # Repeating a value distvit generates is no conflict.
+    assert ds('parallel.deepspeed_extra={"zero_optimization": {"stage": 2}}')["zero_optimization"]["stage"] == 2
+    with pytest.raises(ConfigError, match=r"inline JSON .* is not valid JSON .*quote it for the shell"):
+        ds("parallel.deepspeed_extra='{steps_per_print: 5'")

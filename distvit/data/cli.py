@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = src.add_parser("digits", help="sklearn's 8x8 digits, 80/20 seeded split (no download)")
     common(d)
+    d.add_argument("--classes", type=int, default=10, metavar="N", help="keep the digits 0..N-1 (default 10: all)")
     for name, what in (("imagefolder", "a folder with one subfolder per class, or train/ and val/ holding those"),
                        ("csv", "a CSV of path,label[,split] rows; paths relative to the CSV")):
         sp = src.add_parser(name, help=what)
@@ -82,7 +83,7 @@ def _write(args) -> int:
                             f"give a sample count per shard, or --shard-size (e.g. 500MB)")
         kw["samples_per_shard"] = args.samples_per_shard
     if args.source == "digits":
-        path = write.write_digits(args.out, **kw)
+        path = write.write_digits(args.out, classes=args.classes, **kw)
     elif args.source == "imagefolder":
         path = write.write_imagefolder(args.path, args.out, val_fraction=args.val_fraction, workers=args.workers, **kw)
     else:

@@ -171,21 +171,26 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 
 def write_digits(out_dir: str | Path, *, samples_per_shard: int = 500, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 val_fraction: float = 0.2, seed: int = 0, overwrite: bool = False, show_progress: bool = False) -> Path:
-    """sklearn's 8x8 digits (1797 images, no download) as grayscale PNG shards; returns the manifest path."""
+                 val_fraction: float = 0.2, seed: int = 0, overwrite: bool = False, show_progress: bool = False,
+                 classes: int = 10) -> Path:
+    """sklearn's 8x8 digits (1797 images, no download) as grayscale PNG shards; returns the manifest path.
+
+    classes=N keeps the digits 0..N-1 only (e.g. 5: the fine-tuning demo, configs/finetune_digits.yaml)."""
+    if not 2 <= classes <= 10:
+        raise ValueError(f"--classes {classes}: digits has the classes 0-9; give 2 to 10")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
-    idx = np.arange(len(pixels))
-    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=digits.target)
+    idx = np.flatnonzero(digits.target < classes)
+    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=digits.target[idx])
     splits = {}
     for split, ids in (("train", np.sort(train_idx)), ("val", np.sort(val_idx))):
         splits[split] = [Record(f"{split}_{i:06d}", png_bytes(pixels[i]), "png", int(digits.target[i]),
                                 {"index": int(i)}) for i in ids]
     mean, std = image_stats((pixels[i] for i in train_idx), 1)
-    return write_dataset(out_dir, splits, name="digits", classes=[str(c) for c in range(10)], channels=1,
+    return write_dataset(out_dir, splits, name="digits", classes=[str(c) for c in range(classes)], channels=1,
                          image_size=[8, 8], mean=mean, std=std, samples_per_shard=samples_per_shard,
                          shard_bytes=shard_bytes, overwrite=overwrite, source="sklearn.datasets.load_digits",
                          show_progress=show_progress)

@@ -1,9 +1,12 @@
 """The DeepSpeed config, generated from ours (never a hand-kept JSON).
 
 `build_ds_config(cfg, device)` maps the parallel/optim sections onto DeepSpeed's keys. A user's
-extra JSON (`parallel.deepspeed_extra`) is merged in for the keys we do not generate; where it
-sets a key we generate to another value, that is an error naming both sources, because two
-sources of truth for one setting is how runs silently differ from their config.
+extra JSON (`parallel.deepspeed_extra`: a file path, or the JSON itself, inline or as a YAML mapping)
+is merged in. Keys we only default (`steps_per_print`, `wall_clock_breakdown`, bucket and overlap
+knobs, fp16 loss scaling) take the user's value. Keys that carry a distvit setting (`OWNED` below:
+batch, accumulation, ZeRO stage, precision, clipping, offload) set to another value are an error
+naming both sources and the distvit key to set instead, because two sources of truth for one
+setting is how runs silently differ from their config.
 """
 from __future__ import annotations
 
@@ -87,19 +90,51 @@ def build_ds_config(cfg: Config, device: torch.device, *, elements_per_rank: int
     return ds
 
 
-def merge_user_json(generated: dict, path: str) -> dict:
-    p = Path(path)
+# DeepSpeed keys generated from a distvit setting: the JSON may repeat them, not change them.
+OWNED = {
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "parallel.grad_accum",
+    "zero_optimization.stage": "parallel.zero_stage",
+    "zero_optimization.sub_group_size": "parallel.sub_group_size",
+    "zero_optimization.offload_optimizer": "parallel.offload",
+    "zero_optimization.offload_optimizer.device": "parallel.offload",
+    "bf16.enabled": "parallel.precision",
+    "fp16.enabled": "parallel.precision",
+    "gradient_clipping": "optim.grad_clip",
+    "zero_allow_untested_optimizer": "nothing (distvit hands DeepSpeed its own optimizer; leave the key out)",
+}
+
+
+def read_user_json(extra: str | dict) -> tuple[dict, str]:
+    """(the JSON as a dict, how to name it in messages): a mapping, inline JSON text, or a file path."""
+    if isinstance(extra, dict):
+        return extra, "parallel.deepspeed_extra (inline)"
+    text = extra.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text), "parallel.deepspeed_extra (inline)"
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"parallel.deepspeed_extra: inline JSON {text[:60]!r} is not valid JSON ({exc}); "
+                              "quote it for the shell, e.g. --set 'parallel.deepspeed_extra={\"steps_per_print\": 50}'") from None
+    p = Path(extra)
     if not p.is_file():
-        raise ConfigError(f"parallel.deepspeed_extra: '{path}' not found; give the path of a DeepSpeed JSON file")
+        raise ConfigError(f"parallel.deepspeed_extra: '{extra}' not found; give the path of a DeepSpeed JSON file "
+                          "or the JSON itself ({...})")
     try:
-        extra = json.loads(p.read_text())
+        return json.loads(p.read_text()), f"parallel.deepspeed_extra '{extra}'"
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"parallel.deepspeed_extra: '{path}' is not valid JSON ({exc})") from None
+        raise ConfigError(f"parallel.deepspeed_extra: '{extra}' is not valid JSON ({exc})") from None
+
+
+def merge_user_json(generated: dict, extra: str | dict) -> dict:
+    data, name = read_user_json(extra)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: expected a JSON object of DeepSpeed keys, got {type(data).__name__}")
     conflicts: list[str] = []
-    merged = _merge_checked(generated, extra, "", conflicts)
+    merged = _merge_checked(generated, data, "", conflicts)
     if conflicts:
         raise ConfigError(
-            f"parallel.deepspeed_extra '{path}' conflicts with the distvit config: {'; '.join(conflicts)}; "
+            f"{name} conflicts with the distvit config: {'; '.join(conflicts)}; "
             "set these in the distvit config (configs/*.yaml or --set) and remove them from the JSON"
         )
     return merged
@@ -110,9 +145,14 @@ def _merge_checked(ours: dict, theirs: dict, prefix: str, conflicts: list[str]) 
     for key, value in theirs.items():
         dotted = f"{prefix}{key}"
         if key not in out:
-            out[key] = value
+            if dotted in OWNED:  # e.g. offload_optimizer while parallel.offload=none
+                conflicts.append(f"{dotted} is {value!r} in the JSON but derived by distvit (set {OWNED[dotted]})")
+            else:
+                out[key] = value
         elif isinstance(out[key], dict) and isinstance(value, dict):
             out[key] = _merge_checked(out[key], value, dotted + ".", conflicts)
-        elif out[key] != value:
-            conflicts.append(f"{dotted} is {value!r} in the JSON but {out[key]!r} from distvit")
+        elif out[key] != value and dotted in OWNED:
+            conflicts.append(f"{dotted} is {value!r} in the JSON but {out[key]!r} from distvit (set {OWNED[dotted]})")
+        else:
+            out[key] = value  # a default of ours (logging, buckets, overlap, loss scaling): the user's wins
     return out

@@ -89,7 +89,7 @@ def build_teacher(name: str, checkpoint: str, *, num_classes: int, img_size, in_
     """The registered model `name` with `checkpoint` loaded strict, frozen, in eval mode, on device in dtype."""
     try:
         teacher = models.create(name, checkpoint=checkpoint, num_classes=num_classes, img_size=img_size,
-                                in_chans=in_chans)
+                                in_chans=in_chans, reset_head=False)  # a teacher's head is never re-initialised
     except FileNotFoundError as e:
         raise ConfigError(f"distill.teacher_checkpoint={checkpoint!r}: the file does not exist; train the teacher "
                           "first (its run folder's model.safetensors) or point distill.teacher_checkpoint at its "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import random
@@ -25,13 +26,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distvit import dist as ddist
-from distvit import errors, models, watchdog
+from distvit import errors, launch_check, models, watchdog
 from distvit.checkpoint import io as ckio
 from distvit.checkpoint.reshape import COMMON_STATE, is_reshaped, is_universal
 from distvit.config import Config, ConfigError, save_config
 from distvit.data import build_train_loader, build_val_loader, read_manifest
 from distvit.data.mixup import build_mixer
-from distvit.engine import distill
+from distvit.engine import distill, lr_scale
 from distvit.engine.deepspeed_config import build_ds_config, resolve_precision
 from distvit.engine.loss import cross_entropy
 from distvit.engine.startup import check_output_dir
@@ -82,7 +83,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
     )
     if num_classes:
         overrides["num_classes"] = num_classes
-    return models.create(cfg.model.name, checkpoint=cfg.model.checkpoint, **overrides)
+    return models.create(cfg.model.name, checkpoint=cfg.model.checkpoint, reset_head=cfg.model.reset_head, **overrides)
 
 
 class Trainer:
@@ -95,6 +96,7 @@ class Trainer:
         self._started = False
         self._install_signal_handlers()
         check_output_dir(cfg.run_dir, cfg.run.output_dir, cfg.run.name)
+        launch_check.check_accelerate_cpu()  # `accelerate launch --cpu --num_processes N` runs 1 process
         watchdog.set_phase("start-up: process-group rendezvous")
         self.info, self.device = ddist.init(cfg.run.device, timeout_s=cfg.run.collective_timeout_s)
         watchdog.set_phase("start-up: building the mesh, data loaders, model and DeepSpeed engine")
@@ -105,8 +107,11 @@ class Trainer:
         import deepspeed
 
         self.mesh = ddist.Mesh.build(cfg.parallel.sp_size)
+        self.lr_line = lr_scale.apply(cfg, self.mesh.dp_size)  # optim.lr_base -> optim.lr for this world size
         self.rank = self.mesh.rank
         self.is_main = self.rank == 0
+        if not self.is_main:  # the weights loader's notes (e.g. head re-initialised): one line per run, not per rank
+            logging.getLogger("distvit.models").setLevel(logging.ERROR)
         self.run_dir = cfg.run_dir
         self.ckpt_root = self.run_dir / "checkpoints"
         if cfg.run.deterministic:
@@ -239,6 +244,7 @@ class Trainer:
             f"  global batch {global_batch} = {cfg.data.batch_size} per rank x {cfg.parallel.grad_accum} accum x "
             f"{self.mesh.dp_size} dp; {self.steps_per_epoch} steps/epoch; {self.total_steps} steps in all"
             + (f"; {tokens} tokens/image, {tokens * global_batch} tokens/step" if tokens else ""),
+            f"  {self.lr_line}",
         ]
         if self.flops_per_image:
             lines.append(f"  {3 * self.flops_per_image * global_batch / 1e12:.4f} TFLOPs/step (fwd+bwd)")
@@ -445,6 +451,12 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
+        if self.step >= self.total_steps:  # resumed at or past the end: one line, nothing rewritten
+            limit = f"run.max_steps={cfg.run.max_steps}" if cfg.run.max_steps else f"run.epochs={cfg.run.epochs}"
+            log0(f"nothing to train: {self.resume_from} is at step {self.step} and {limit} ends the run at step "
+                 f"{self.total_steps}; its results are in {self.run_dir}; raise {limit.split('=')[0]} to train further")
+            self.metrics.close()
+            return {"status": "finished", "nothing_to_train": True, "steps": self.step, "run_dir": str(self.run_dir)}
         start = time.perf_counter()
         batches = self._micro_batches()
         progress = None

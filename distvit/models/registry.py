@@ -41,7 +41,8 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
     return _ENTRYPOINTS[name]
 
 
-def create(name: str, *, checkpoint: str | None = None, strict: bool = True, **overrides) -> nn.Module:
+def create(name: str, *, checkpoint: str | None = None, strict: bool = True, reset_head: bool | None = None,
+           **overrides) -> nn.Module:
     """Build a registered model; overrides (num_classes=, img_size=, in_chans=, drop_path_rate=,
     attn_backend=, global_pool=, class_token=, ...) replace the variant's defaults.
 
@@ -49,14 +50,15 @@ def create(name: str, *, checkpoint: str | None = None, strict: bool = True, **o
     checkpoint: a .safetensors / .pt / .pth file to load (ours or timm's; the position
     embedding is resized to img_size). strict=True raises on any missing, unexpected or
     mis-shaped key, with the full list; strict=False loads what matches and keeps the rest
-    as initialised (e.g. a new head for another num_classes).
+    as initialised. reset_head: None re-initialises the classifier when the file's has another
+    number of classes (and says so); True always; False never (see weights.load_checkpoint).
     """
     fn = model_entrypoint(name)
     model = fn(**{k: v for k, v in overrides.items() if v is not None})
     if checkpoint is not None:
         from distvit.models.weights import load_checkpoint
 
-        load_checkpoint(model, checkpoint, strict=strict)
+        load_checkpoint(model, checkpoint, strict=strict, reset_head=reset_head)
     return model
 
 

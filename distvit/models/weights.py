@@ -9,6 +9,10 @@ only, never arbitrary pickled objects. Containers from common trainers ({"state_
 and torch.compile ("_orig_mod.") add are stripped. A model class may define
 `checkpoint_filter_fn(state_dict, model)` to adapt foreign layouts (ViT resizes the position
 embedding there).
+
+Fine-tuning: when the only misfit is the classifier (`model.default_cfg["classifier"]`, e.g. a
+1000-class ImageNet file into a 10-class model), the head keeps its fresh initialisation and one
+line says so; `reset_head=True` always re-initialises it, `reset_head=False` never does (strict).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # in the model, not in the file
     unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, file shape, model shape)
+    reset_head: list[str] = field(default_factory=list)  # classifier keys left as initialised (fine-tuning)
 
     @property
     def ok(self) -> bool:
@@ -119,26 +124,57 @@ def compare_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> LoadRep
     return report
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True, filter_fn=None) -> LoadReport:
+def head_keys(model: nn.Module) -> list[str]:
+    """The classifier's state-dict keys, from the model's `default_cfg["classifier"]` (timm's convention)."""
+    names = (getattr(model, "default_cfg", None) or {}).get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return [k for k in model.state_dict() if any(k.startswith(n + ".") for n in names)]
+
+
+def _num_classes(shapes: dict[str, tuple], keys: list[str]) -> str:
+    rows = [shapes[k][0] for k in keys if k.endswith("weight") and k in shapes and len(shapes[k]) >= 1]
+    return str(rows[0]) if rows else "?"
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True, filter_fn=None,
+                    reset_head: bool | None = None) -> LoadReport:
     """Load a weights file into model (in place) and return what did not fit.
 
     filter_fn(state_dict, model) -> state_dict adapts foreign layouts; by default the model
     class's `checkpoint_filter_fn` when it has one.
     strict: raise WeightsMismatchError unless every key matches in name and shape; with
     strict=False the matching keys load, the others keep their values and are logged.
+    reset_head: None (default) keeps the model's freshly initialised classifier when the file's
+    has another number of classes and nothing else misfits; True always does (fine-tuning onto
+    new classes); False loads the file's classifier or fails. The report lists the kept keys.
     """
     sd = load_state_dict(path)
     filter_fn = filter_fn or getattr(type(model), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         sd = filter_fn(sd, model)
     report = compare_state_dict(model, sd)
+    head = head_keys(model)
+    head_misfit = bool(head) and any(k in head for k, _, _ in report.mismatched)
+    others_fit = all(k in head for k in report.missing + report.unexpected + [k for k, _, _ in report.mismatched])
+    if head and (reset_head or (reset_head is None and head_misfit and others_fit)):
+        file_shapes = {k: tuple(sd[k].shape) for k in head if k in sd}
+        own_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in head}
+        sd = {k: v for k, v in sd.items() if k not in head}
+        report = compare_state_dict(model, sd)
+        report.missing = [k for k in report.missing if k not in head]
+        report.reset_head = head
+        log.warning("%s: classifier re-initialised for %s classes (the file's has %s): %s",
+                    path, _num_classes(own_shapes, head), _num_classes(file_shapes, head), ", ".join(head))
     name = type(model).__name__
     if not report.ok:
         if strict:
+            fix = ("load with strict=False to keep the non-matching parameters as initialised")
+            if head_misfit:
+                fix = ("to fine-tune onto other classes re-initialise the classifier with reset_head=True "
+                       "(config: --set model.reset_head=true), or " + fix)
             raise WeightsMismatchError(
                 f"weights file {str(path)!r} does not fit {name}: {report.describe()}. Check the model name and its "
-                "overrides (num_classes, img_size, in_chans, class_token, global_pool), or load with "
-                "strict=False to keep the non-matching parameters as initialised", report)
+                f"overrides (num_classes, img_size, in_chans, class_token, global_pool), or {fix}", report)
         log.warning("loading %s into %s with strict=False: %s", path, name, report.describe())
     bad = {k for k, _, _ in report.mismatched}
     model.load_state_dict({k: v for k, v in sd.items() if k not in bad and k not in report.unexpected}, strict=False)

@@ -1,0 +1,134 @@
+"""A trained run, loaded for inference: its config, its model and its preprocessing (eval and predict).
+
+    run = load_run("runs/demo_digits")            # a run folder, a checkpoint folder or a weights file
+    logits = run.model(run.preprocess([Image.open("3.png")]))
+
+What `--checkpoint` may name:
+- a run folder: its `model.safetensors` (else its newest complete checkpoint) and its `config.yaml`;
+- a checkpoint folder (`.../checkpoints/step_NNNNNNNN`): consolidated in memory, config from its metadata;
+- a weights file: `model.safetensors` written by the trainer or `distvit ckpt consolidate` (config in its
+  metadata), or any weights file with the run's `config.yaml` beside it.
+The preprocessing is the run's own eval transform (data.img_size, in_chans, eval_crop_pct,
+interpolation) and normalisation (data.mean/std, else the dataset manifest's), as the trainer's val loader.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import yaml
+
+from distvit import models
+from distvit.config import Config, ConfigError
+from distvit.models.weights import compare_state_dict
+
+HEAD_KEYS = ("head.weight", "head.fc.weight")
+
+
+@dataclass
+class LoadedRun:
+    cfg: Config
+    model: nn.Module
+    weights: str  # where the weights came from
+    classes: list[str]
+    manifest: dict | None
+    device: torch.device
+
+    def preprocess(self, images) -> torch.Tensor:
+        """PIL images -> the normalised batch the model was validated on."""
+        from distvit.data.loader import resolve_stats
+        from distvit.data.transforms import EvalTransform, Normalize
+
+        d = self.cfg.data
+        transform = EvalTransform(d.img_size, d.in_chans, d.eval_crop_pct, d.interpolation)
+        mean, std = resolve_stats(d, self.manifest)
+        mode = "L" if d.in_chans == 1 else "RGB"
+        return Normalize(mean, std)([transform(img.convert(mode)) for img in images]).to(self.device)
+
+    @torch.no_grad()
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        from distvit.engine.distill import named_logits
+
+        return named_logits(self.model(batch.to(self.device)))[""]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible here; use --device cpu")
+    return torch.device(name)
+
+
+def _config_from(meta_config: str | dict | None, beside: Path, what: str) -> Config:
+    if isinstance(meta_config, str) and meta_config.strip() not in ("", "{}"):
+        meta_config = json.loads(meta_config)
+    if isinstance(meta_config, dict) and meta_config:
+        return Config.model_validate(meta_config)
+    path = beside / "config.yaml"
+    if path.is_file():
+        return Config.model_validate(yaml.safe_load(path.read_text()))
+    raise ConfigError(f"{what} carries no distvit config (no metadata, no {path}); pass the run folder instead "
+                      "(it holds config.yaml beside model.safetensors)")
+
+
+def _weights(checkpoint: str) -> tuple[dict[str, torch.Tensor], Config, str]:
+    """(state dict, run config, description) for a run folder, checkpoint folder or weights file."""
+    from distvit.checkpoint import io as ckio
+
+    p = Path(checkpoint)
+    if p.is_dir() and (p / ckio.META).is_file():  # one checkpoint (step_NNNNNNNN)
+        from distvit.checkpoint.consolidate import consolidated_state_dict
+
+        return consolidated_state_dict(p), _config_from(ckio.read_meta(p).get("config"), p.parent.parent, str(p)), str(p)
+    if p.is_dir():  # a run folder
+        if (p / "model.safetensors").is_file():
+            return _weights(str(p / "model.safetensors"))
+        tag = ckio.find_resume(p / "checkpoints", log=lambda *_: None)
+        if tag is None:
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: no model.safetensors and no complete checkpoint in it; "
+                                    "give a run folder, a checkpoint folder or a weights file")
+        return _weights(str(tag))
+    if not p.is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such run folder or file")
+    meta = None
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            meta = (f.metadata() or {}).get("config")
+    return models.load_state_dict(p), _config_from(meta, p.parent, str(p)), str(p)
+
+
+def load_run(checkpoint: str, device: str = "auto", data: str | None = None) -> LoadedRun:
+    """The model of a run in eval mode on `device`, with its config; `data` is the shard pattern to read class names from."""
+    from distvit.data import read_manifest
+
+    sd, cfg, source = _weights(checkpoint)
+    head = next((k for k in HEAD_KEYS if k in sd), None)
+    num_classes = cfg.model.num_classes or (int(sd[head].shape[0]) if head else None)
+    overrides = dict(img_size=cfg.model.img_size or cfg.data.img_size, in_chans=cfg.model.in_chans or cfg.data.in_chans,
+                     attn_backend=cfg.model.attn_backend, num_classes=num_classes)
+    model = models.create(cfg.model.name, **overrides)
+    report = compare_state_dict(model, sd)
+    if not report.ok:
+        raise models.WeightsMismatchError(f"{source} does not fit {cfg.model.name} as its config builds it: "
+                                          f"{report.describe()}", report)
+    model.load_state_dict(sd)
+    dev = pick_device(device)
+    model = model.to(dev).float().eval()
+    manifest = None
+    for pattern in (data, cfg.data.val, cfg.data.train):
+        if pattern:
+            try:
+                manifest = read_manifest(pattern)
+            except Exception:  # a moved or remote dataset: class names fall back to indices
+                manifest = None
+            if manifest:
+                break
+    names = list((manifest or {}).get("classes") or [])
+    classes = names if len(names) == num_classes else [str(i) for i in range(num_classes or 0)]
+    return LoadedRun(cfg, model, source, classes, manifest, dev)
