@@ -9,8 +9,9 @@ A CPU machine has no CUDA memory to move tensors to, so the test lends the seam 
 the CUDA device is host memory (`comm._device_of_type`) and the c10d call goes to the backend the
 group has for CUDA (`comm._issue`). What it checks is real: each path goes through the seam (a
 direct `dist.*` call on this group still fails), the seam asks for the group's device (CUDA, not
-the tensor's CPU), and the reduced values are right. The real move to CUDA under NCCL is left to
-the GPU machine.
+the tensor's CPU), and the reduced values are right. The `cuda` variant (`pytest -m gpu`) runs the
+same paths with no stand-ins: two ranks on one GPU (cuda:gloo allows that, NCCL would not), CPU
+tensors really moved up and back.
 """
 from __future__ import annotations
 
@@ -94,9 +95,11 @@ def _cuda_bound_stand_ins(monkeypatch, asked: list):
     monkeypatch.setattr(comm, "_issue", issue)
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+def _worker(rank: int, world: int, port: int, out: str, on_gpu: bool = False) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cuda" if on_gpu else "cpu")
     torch.set_num_threads(1)
+    if on_gpu:
+        torch.cuda.set_device(0)  # both ranks on one GPU: cuda:gloo allows it, NCCL would not
     dist.init_process_group("cuda:gloo", rank=rank, world_size=world)
     results = {}
     try:
@@ -109,18 +112,19 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
         mp_ = pytest.MonkeyPatch()
         asked: list[str] = []
-        _cuda_bound_stand_ins(mp_, asked)
+        if not on_gpu:
+            _cuda_bound_stand_ins(mp_, asked)
         try:
-            results.update(_trainer_paths(rank, world))
+            results.update(_trainer_paths(rank, world, torch.device("cuda", 0) if on_gpu else torch.device("cpu")))
         finally:
             mp_.undo()
-        results["asked"] = sorted(set(asked))
+        results["asked"] = ["cuda"] if on_gpu else sorted(set(asked))
     finally:
         dist.destroy_process_group()
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
-def _trainer_paths(rank: int, world: int) -> dict:
+def _trainer_paths(rank: int, world: int, device: torch.device) -> dict:
     from distvit.engine.step_sync import StepSync
     from distvit.engine.trainer import Trainer
     from distvit.models.parallelize import _broadcast_parameters
@@ -128,7 +132,7 @@ def _trainer_paths(rank: int, world: int) -> dict:
     out = {}
     # 1. the eval totals (Trainer.evaluate, unchanged code path, on a stand-in trainer)
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).to(device)
     x = torch.randn(4, 2, 2)
     y = torch.tensor([0, 1, 2, 0])
     valid = torch.tensor([True, True, True, rank == 0])  # rank 1's last sample is padding
@@ -136,19 +140,20 @@ def _trainer_paths(rank: int, world: int) -> dict:
     engine.module = net
     engine.forward = net.forward  # what DeepSpeed's engine does: call the module
     stand_in = SimpleNamespace(val_loader=[(x, y, valid)], engine=engine, input_dtype=torch.float32,
-                               device=torch.device("cpu"), mesh=SimpleNamespace(dp_group=None))
+                               device=device, mesh=SimpleNamespace(dp_group=None))
     out["eval"] = Trainer.evaluate(stand_in)
 
     # 2. the fused step read: loss, NaN check, preemption flag, bad samples
-    sync = StepSync(torch.device("cpu"), dp_size=world)
-    sync.add(1, [torch.tensor(1.0 + 2 * rank)])
-    sync.add(2, [torch.tensor(2.0 + 2 * rank), torch.tensor(4.0 + 2 * rank)])  # grad_accum = 2
+    sync = StepSync(device, dp_size=world)
+    t = lambda v: torch.tensor(v, device=device)  # noqa: E731
+    sync.add(1, [t(1.0 + 2 * rank)])
+    sync.add(2, [t(2.0 + 2 * rank), t(4.0 + 2 * rank)])  # grad_accum = 2
     out["read"] = sync.read(stop_requested=rank == 1, bad_samples=3 + rank)
-    sync.add(3, [torch.tensor(float("nan") if rank == 1 else 1.0)])
-    sync.add(4, [torch.tensor(float("inf") if rank == 0 else 1.0)])
+    sync.add(3, [t(float("nan") if rank == 1 else 1.0)])
+    sync.add(4, [t(float("inf") if rank == 0 else 1.0)])
     out["read_bad"] = sync.read(stop_requested=False)
 
-    # 3. sp's start-up broadcast of CPU parameters (before the engine exists)
+    # 3. sp's start-up broadcast of CPU parameters (before the engine exists; on the GPU they go up and back)
     torch.manual_seed(100 + rank)  # each rank initialises differently
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7))
     _broadcast_parameters(model, SimpleNamespace(group=None))
@@ -157,9 +162,11 @@ def _trainer_paths(rank: int, world: int) -> dict:
 
 
 @pytest.mark.multirank
-def test_trainer_collectives_run_on_a_group_that_refuses_cpu_tensors(tmp_path):
+@pytest.mark.parametrize("on_gpu", [False, pytest.param(True, marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])], ids=["cpu-stand-ins", "cuda"])
+def test_trainer_collectives_run_on_a_group_that_refuses_cpu_tensors(tmp_path, on_gpu):
     world = 2
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), on_gpu), nprocs=world, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world))
     for r in (r0, r1):
         assert "No backend type associated with device type cpu" in r["direct_refused"]

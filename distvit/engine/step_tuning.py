@@ -19,7 +19,8 @@ import torch
 def takes_over_clipping(ds_config: dict, zero_stage: int) -> bool:
     """Remove DeepSpeed's clipping from `ds_config` where `GradClipper` does it instead; True if so."""
     low_precision = ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")
-    if zero_stage == 0 and not low_precision and ds_config.get("gradient_clipping", 0) > 0:
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", zero_stage)  # after any deepspeed_extra merge
+    if zero_stage == 0 and not low_precision and (ds_config.get("gradient_clipping") or 0) > 0:
         ds_config["gradient_clipping"] = 0.0
         return True
     return False
