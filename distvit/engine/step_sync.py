@@ -1,7 +1,7 @@
 """Loss, NaN check and preemption flag without a host sync per step.
 
 Each optimizer step hands its micro-batch losses (device scalars, no copy, no sync) to
-`StepSync.add`. On a *read step* (log steps, save steps and the last step; `Trainer.fit` decides)
+`StepSync.add`. On a *read step* (log, eval and save steps and the last step; `Trainer.fit` decides)
 `StepSync.read` packs what the host needs into one small device tensor and all-reduces it over all
 ranks in one collective (through distvit.comm, on the group's device):
 
@@ -14,7 +14,7 @@ Semantics:
 - the logged loss is the *last step's* loss, averaged over the dp ranks (the same number the
   trainer logged before; a resumed run logs exactly what the uninterrupted one did);
 - a non-finite loss on any rank at any step of the window stops every rank at the read step,
-  which comes before any save: no checkpoint stores it. The error names the first bad step
+  which comes before any save or evaluation: no checkpoint stores it. The error names the first bad step
   (a second, small all-reduce that runs only on that path);
 - a preemption signal is honoured at the next read step (at most `log.every_steps` steps later).
 """

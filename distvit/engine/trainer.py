@@ -433,12 +433,13 @@ class Trainer:
                 t0 = time.perf_counter()
                 _test_fault("kill_at_step", self.step)
                 out = self.train_step(batches)
-                # Read steps (log, save, last): the only steps where the host waits for the device.
+                # Read steps (log, eval, save, last): the only steps where the host waits for the device.
                 is_last = self.step == self.total_steps
                 is_log = self.step % cfg.log.every_steps == 0 or is_last
+                is_eval = self.step % eval_every == 0 or is_last
                 every = cfg.checkpoint.every_steps
                 is_save = bool(every) and self.step % every == 0 and not is_last
-                reading = self._read_steps() if (is_log or is_save or is_last) else None
+                reading = self._read_steps() if (is_log or is_eval or is_save) else None
                 images_timed += out["images"]
                 time_timed += time.perf_counter() - t0  # includes the read: the device caught up there
                 steps_timed += 1
@@ -446,7 +447,7 @@ class Trainer:
                 if is_log:
                     row = self._metrics_row(reading, images_timed / max(time_timed, 1e-9), time_timed / steps_timed)
                     images_timed, time_timed, steps_timed = 0, 0.0, 0
-                if self.step % eval_every == 0 or is_last:
+                if is_eval:
                     last_eval = self._evaluate_all()
                     row = {**(row or {"step": self.step, "epoch": self.epoch}), **last_eval}
                 if row is not None:
