@@ -39,6 +39,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--zero-stage", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10, help="host reads of the loss, both sides (log.every_steps)")
+    p.add_argument("--zero-extra", default=None, metavar="JSON",
+                   help='try DeepSpeed ZeRO knobs on our side, e.g. \'{"contiguous_gradients": false}\'')
     p.add_argument("--note", default=None, help="free text stored with the result (machine load, threads)")
     return p.parse_args()
 
@@ -68,6 +70,17 @@ def main() -> int:
         "log.progress=false", "log.tensorboard=false", "schedule.warmup_steps=0", "schedule.kind=constant",
         f"log.every_steps={args.log_every}",
     ])
+    if args.zero_extra:
+        import distvit.engine.trainer as trainer_module
+
+        generated = trainer_module.build_ds_config
+
+        def with_extra(*a, **k):
+            ds = generated(*a, **k)
+            ds["zero_optimization"].update(json.loads(args.zero_extra))
+            return ds
+
+        trainer_module.build_ds_config = with_extra
     trainer = Trainer(cfg)
     device = trainer.device
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -135,6 +148,7 @@ def main() -> int:
         "ours_img_per_s": args.batch / ours_med, "plain_img_per_s": args.batch / plain_med,
         "goal": "ratio <= 1.10" if args.zero_stage == 0 else "ratio <= 1.15", "log_every": args.log_every,
         "threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0],
+        **({"zero_extra": json.loads(args.zero_extra)} if args.zero_extra else {}),
         **({"note": args.note} if args.note else {}),
     }
     peak = device_peak_tflops(device)
