@@ -125,6 +125,13 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def backend_for(device: torch.device) -> str:
+    """NCCL alone on CUDA (no CPU backend), gloo on CPU.
+
+    We do not add "cpu:gloo" beside NCCL: every group would then also build a gloo communicator
+    (a full mesh of TCP connections per group, DeepSpeed's groups included), and a CPU collective
+    would still cost the step a device-to-host copy and a sync. Instead every collective distvit
+    issues runs on its group's device, a rule kept in one place: distvit/comm.py.
+    """
     return "nccl" if device.type == "cuda" else "gloo"
 
 

@@ -107,6 +107,28 @@ def test_nan_loss_stops_naming_step_and_keeps_checkpoint(digits_dir, tmp_path):
     assert not (ckpts / "step_00000004").exists()
 
 
+@pytest.mark.multirank
+def test_sparse_reads_log_the_last_step_and_stop_a_nan_before_the_next_save(digits_dir, tmp_path):
+    # The host reads loss / NaN count / preemption flag only on read steps: log steps (every 3), save
+    # steps (every 4) and the last. A NaN at step 5 falls between reads (4 and 6): it is caught at
+    # step 6, named as step 5, and the save of step 8 never happens.
+    args = base_args(digits_dir, tmp_path, "sparse", "run.max_steps=12", "log.every_steps=3", "checkpoint.every_steps=4")
+    proc = launch(args, env=run_env(DISTVIT_TEST_FAULT="nan_loss:5"), check=False)
+    assert proc.returncode != 0
+    assert "loss is nan at step 5" in proc.stderr and "step_00000004" in proc.stderr
+    ckpts = tmp_path / "sparse" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000004"
+    assert not (ckpts / "step_00000008").exists()
+    # The logged loss is the last step's (mean over dp), not the mean over the logging window.
+    rows = [r for r in read_metrics(tmp_path / "sparse") if r["loss"]]
+    assert [int(r["step"]) for r in rows] == [3]
+    cfg = load_config("demo_digits", [a for a in args[3::2]])
+    _, ref = reference_run(cfg, 12)  # same schedule length as the run
+    assert abs(sum(ref) / 3 - ref[2]) > 1e-3  # the two semantics differ here by far more than the tolerance
+    assert float(rows[0]["loss"]) == pytest.approx(ref[2], rel=1e-5, abs=1e-6)
+    assert float(rows[0]["grad_norm"]) > 0  # ZeRO-0 now reports its norm (read on log steps only)
+
+
 def test_existing_run_folder_is_not_reused_silently(digits_dir, tmp_path):
     args = base_args(digits_dir, tmp_path, "single", "run.max_steps=2")
     launch(args, launcher="python")

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from distvit import comm
 from distvit import dist as ddist
 from distvit import errors, launch_check, models, watchdog
 from distvit.checkpoint import io as ckio
@@ -39,6 +40,8 @@ from distvit.engine.startup import check_output_dir
 from distvit.engine.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
 from distvit.engine.optim import build_optimizer, freeze_parameters
 from distvit.engine.schedule import build_scheduler
+from distvit.engine.step_sync import StepSync
+from distvit.engine.step_tuning import grad_norm, takes_over_clipping, tune_engine
 
 
 class TrainingDiverged(RuntimeError):
@@ -165,6 +168,7 @@ class Trainer:
         if self.resume_from is not None and is_universal(self.resume_from):
             # A reshaped checkpoint (`distvit ckpt reshape`): DeepSpeed re-partitions whole tensors.
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+        own_clipping = takes_over_clipping(ds_config, cfg.parallel.zero_stage)  # step_tuning.py: cheaper, no sync
         optimizer = build_optimizer(model, cfg, self.device)
         scheduler = build_scheduler(
             optimizer, total_steps=self.total_steps, warmup_steps=cfg.schedule.warmup_steps,
@@ -175,6 +179,9 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             mpu=_deepspeed_mpu(self.mesh),
         )
+        self._clip = tune_engine(self.engine, world_size=self.mesh.world_size, zero_stage=cfg.parallel.zero_stage,
+                                 max_norm=cfg.optim.grad_clip, clipping_taken=own_clipping)
+        self._step_sync = StepSync(self.device, dp_size=self.mesh.dp_size, sp_rank=self.mesh.sp_rank)
         self.offload = None
         if cfg.parallel.offload == "interleaved":
             from distvit.engine.offload import enable_interleaved_offload
@@ -318,13 +325,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _should_stop_for_signal(self) -> bool:
-        # A preemption signal on any rank stops all of them at the same step.
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
-        if dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     def _install_signal_handlers(self) -> None:
         owner = os.getpid()
 
@@ -365,8 +365,10 @@ class Trainer:
             self.epoch += 1
 
     def train_step(self, batches) -> dict:
+        """One optimizer step. Nothing here waits for the device: the loss stays on it until the next
+        read step (`_read_steps`), which checks it for NaN/inf on every rank before any save."""
         engine = self.engine
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        micro_losses = []
         images_seen = 0
         for micro in range(self.cfg.parallel.grad_accum):
             images, labels = next(batches)
@@ -382,29 +384,29 @@ class Trainer:
             if _fault_armed("nan_loss", self.step + 1):
                 loss = loss * float("nan")
             engine.backward(loss)
+            if self._clip is not None and engine.is_gradient_accumulation_boundary():
+                self._clip()
             engine.step()
-            loss_sum += loss.detach().double().cpu()
+            micro_losses.append(loss.detach())
             images_seen += images.shape[0]
-        loss_mean = loss_sum / self.cfg.parallel.grad_accum
-        if dist.get_world_size() > 1:
-            dist.all_reduce(loss_mean, group=self.mesh.dp_group)
-            loss_mean /= self.mesh.dp_size
-        if not math.isfinite(loss_mean.item()):
-            raise TrainingDiverged(
-                f"loss is {loss_mean.item()} at step {self.step + 1}; stopped without saving, the last good "
-                f"checkpoint is {ckio.find_resume(self.ckpt_root, log=lambda *_: None) or 'none (none saved yet)'}; "
-                "lower optim.lr, raise schedule.warmup_steps or set optim.grad_clip"
-            )
         self.step += 1
+        self._step_sync.add(self.step, micro_losses)
         if self.ema is not None:
             self._update_ema()
-        grad_norm = engine.get_global_grad_norm()
-        return {
-            "loss": loss_mean.item(),
-            "lr": engine.get_lr()[0],
-            "grad_norm": None if grad_norm is None else float(grad_norm),
-            "images": images_seen * self.mesh.dp_size,
-        }
+        return {"images": images_seen * self.mesh.dp_size}
+
+    def _read_steps(self):
+        """The read step: one fused all-reduce (loss, NaN check, preemption flag, bad samples)."""
+        reading = self._step_sync.read(stop_requested=self._stop_requested,
+                                       bad_samples=self.train_loader.stats().get("bad_samples", 0))
+        if reading.first_bad is not None:
+            step, value = reading.first_bad
+            raise TrainingDiverged(
+                f"loss is {value} at step {step}; stopped without saving, the last good checkpoint is "
+                f"{ckio.find_resume(self.ckpt_root, log=lambda *_: None) or 'none (none saved yet)'}; "
+                "lower optim.lr, raise schedule.warmup_steps or set optim.grad_clip"
+            )
+        return reading
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -423,7 +425,7 @@ class Trainer:
         # One row per head: a distilled student's averaged, class-token and distillation-token heads ("", _cls, _dist).
         net = self.engine.module if module is None else module
         heads = distill.head_names(net)
-        totals = torch.zeros(len(heads), 4, dtype=torch.float64)  # loss sum, top1, top5, count
+        totals = torch.zeros(len(heads), 4, dtype=torch.float64, device=self.device)  # loss sum, top1, top5, count
         dtype = self.input_dtype if module is None else torch.float32
         with distill.separate_heads(net):
             for images, labels, valid in _rng_isolated(self.val_loader):
@@ -437,17 +439,16 @@ class Trainer:
                     hit = top5 == labels[:, None]
                     totals[i] += torch.stack([
                         (loss * valid).sum(), (hit[:, 0] & valid).sum(), (hit.any(-1) & valid).sum(), valid.sum(),
-                    ]).double().cpu()
-        if dist.get_world_size() > 1:
-            dist.all_reduce(totals, group=self.mesh.dp_group)
+                    ]).double()
+        totals = comm.all_reduce(totals, "sum", self.mesh.dp_group).tolist()  # one host read per evaluation
         model.train()
-        count = max(totals[0, 3].item(), 1.0)
+        count = max(totals[0][3], 1.0)
         result = {}
         for i, head in enumerate(heads):
-            result[f"val_loss{head}"] = totals[i, 0].item() / count
-            result[f"val_top1{head}"] = 100 * totals[i, 1].item() / count
-            result[f"val_top5{head}"] = 100 * totals[i, 2].item() / count
-        return {**result, "val_count": int(totals[0, 3].item())}
+            result[f"val_loss{head}"] = totals[i][0] / count
+            result[f"val_top1{head}"] = 100 * totals[i][1] / count
+            result[f"val_top5{head}"] = 100 * totals[i][2] / count
+        return {**result, "val_count": int(totals[0][3])}
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -466,7 +467,7 @@ class Trainer:
             progress = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                             file=sys.stdout, mininterval=1.0)
         eval_every = cfg.run.eval_every or self.steps_per_epoch
-        images_timed, time_timed = 0, 0.0
+        images_timed, time_timed, steps_timed = 0, 0.0, 0
         last_eval: dict = {}
         exit_reason = "finished"
         self.engine.train()
@@ -475,26 +476,33 @@ class Trainer:
                 t0 = time.perf_counter()
                 _test_fault("kill_at_step", self.step)
                 out = self.train_step(batches)
-                dt = time.perf_counter() - t0
+                # Read steps (log, eval, save, last): the only steps where the host waits for the device.
+                is_last = self.step == self.total_steps
+                is_log = self.step % cfg.log.every_steps == 0 or is_last
+                is_eval = self.step % eval_every == 0 or is_last
+                every = cfg.checkpoint.every_steps
+                is_save = bool(every) and self.step % every == 0 and not is_last
+                reading = self._read_steps() if (is_log or is_eval or is_save) else None
                 images_timed += out["images"]
-                time_timed += dt
+                time_timed += time.perf_counter() - t0  # includes the read: the device caught up there
+                steps_timed += 1
                 row = None
-                if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
-                    row = self._metrics_row(out, images_timed / max(time_timed, 1e-9), time_timed / max(1, cfg.log.every_steps))
-                    images_timed, time_timed = 0, 0.0
-                if self.step % eval_every == 0 or self.step == self.total_steps:
+                if is_log:
+                    row = self._metrics_row(reading, images_timed / max(time_timed, 1e-9), time_timed / steps_timed)
+                    images_timed, time_timed, steps_timed = 0, 0.0, 0
+                if is_eval:
                     last_eval = self._evaluate_all()
                     row = {**(row or {"step": self.step, "epoch": self.epoch}), **last_eval}
                 if row is not None:
                     self.metrics.log(row)
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}",
-                                         **({"top1": f"{last_eval['val_top1']:.1f}"} if "val_top1" in last_eval else {}))
-                every = cfg.checkpoint.every_steps
-                if every and self.step % every == 0 and self.step < self.total_steps:
+                    if reading is not None:
+                        progress.set_postfix(loss=f"{reading.loss:.4f}", lr=f"{self.engine.get_lr()[0]:.2e}",
+                                             **({"top1": f"{last_eval['val_top1']:.1f}"} if "val_top1" in last_eval else {}))
+                if is_save:
                     self.save()
-                if self._should_stop_for_signal():
+                if reading is not None and reading.stop:
                     exit_reason = "preempted"
                     break
         finally:
@@ -516,23 +524,18 @@ class Trainer:
             self.best = {"val_top1": result["val_top1"], "val_top5": result["val_top5"]}
         return result
 
-    def _metrics_row(self, out: dict, img_per_s: float, step_time: float) -> dict:
+    def _metrics_row(self, reading, img_per_s: float, step_time: float) -> dict:
+        """A log row: the last step's loss (mean over dp, from the fused read), lr and grad norm read now."""
         tflops = mfu = None
         if self.flops_per_image:
             tflops = 3 * self.flops_per_image * img_per_s / 1e12 / self.mesh.world_size  # per rank
             mfu = tflops / self.peak_tflops if self.peak_tflops else None
-        stats = self.train_loader.stats()
         return {
-            "step": self.step, "epoch": self.epoch, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+            "step": self.step, "epoch": self.epoch, "loss": reading.loss, "lr": self.engine.get_lr()[0],
+            "grad_norm": grad_norm(self.engine, self._clip),
             "img_per_s": img_per_s, "step_time_s": step_time, "tflops": tflops, "mfu": mfu,
-            "peak_mem_gib": peak_memory_gib(self.device), "bad_samples": self._sum_over_ranks(stats.get("bad_samples", 0)),
+            "peak_mem_gib": peak_memory_gib(self.device), "bad_samples": reading.bad_samples,
         }
-
-    def _sum_over_ranks(self, value: int) -> int:
-        t = torch.tensor([float(value)])
-        if dist.get_world_size() > 1:
-            dist.all_reduce(t, group=self.mesh.dp_group)
-        return int(t.item())
 
     def export(self, tag_dir: Path) -> Path | None:
         """Consolidate the final checkpoint to fp32 safetensors that models.create(..., checkpoint=) loads."""

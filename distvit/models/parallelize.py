@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from distvit import comm
 from distvit.attention.hybrid import hybrid_attention, hybrid_groups
 from distvit.attention.sequence_parallel import (
     group_size, local_positions, ring_attention, ulysses_attention,
@@ -156,10 +157,11 @@ def _check_model(model) -> None:
 
 def _broadcast_parameters(model, plan) -> None:
     """Make the replicas identical over the sp group (sp rank 0's values), whatever each rank initialised."""
-    src = _global_rank(plan.group, 0)
+    # Runs before DeepSpeed moves the model: CPU tensors, which distvit.comm takes to the group's
+    # device (CUDA under NCCL) in a few flat buckets and back.
     with torch.no_grad():
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(tensor.data, src=src, group=plan.group)
+        comm.broadcast_many([t.data for t in list(model.parameters()) + list(model.buffers())],
+                            src=_global_rank(plan.group, 0), group=plan.group)
 
 
 def _global_rank(group, group_rank: int) -> int:
