@@ -117,3 +117,28 @@ def test_parallelize_causal_errors_name_the_value():
     with pytest.raises(TypeError, match="got a Linear"):
         parallelize_causal(torch.nn.Linear(2, 2))
     assert parallelize_causal(model) is model and getattr(model, "sequence_parallel", None) is None  # sp = 1
+
+
+def _causal_pairs_per_rank(layout: str, seq_len: int, world: int) -> list[int]:
+    """(query, key) products each rank's ring attention computes under the causal mask."""
+    from distvit.attention.sequence_parallel import _ring_tasks, padded_length
+
+    local = padded_length(seq_len, world, layout) // world
+    pairs = []
+    for rank in range(world):
+        n = 0
+        for src in range(world):
+            for q_lo, q_hi, k_lo, k_hi, causal in _ring_tasks(layout, True, rank, src, world, local, seq_len):
+                rows, cols = q_hi - q_lo, k_hi - k_lo
+                n += rows * (rows + 1) // 2 if causal else rows * cols
+        pairs.append(n)
+    return pairs
+
+
+def test_zigzag_balances_the_causal_work_of_the_base_geometry():
+    # vit_causal_base_patch16_224: 196 tokens over sp = 4 ranks (padded to 200 for zigzag).
+    zigzag = _causal_pairs_per_rank("zigzag", 196, 4)
+    contiguous = _causal_pairs_per_rank("contiguous", 196, 4)
+    assert len(set(zigzag)) == 1 and zigzag[0] == 50 * 51 // 2 + 3 * 50 * 25
+    assert contiguous == [49 * 50 // 2 + r * 49 * 49 for r in range(4)]  # the last rank: 6x the first's
+    assert sum(zigzag) == 200 * 201 // 2  # zigzag computes the causal triangle once, no more
