@@ -4,7 +4,8 @@ Each case runs parallelize_causal at sp = 2 or 4 on gloo and compares with the s
 process: the gathered predictions, the loss, and the gradient of every parameter, float32,
 1e-5 (the same sums in another order: ring partials merged through (o, lse), exact all-to-alls,
 per-rank squared-error sums added over the group). 10 x 10 images in 2 x 2 patches give 25
-tokens, which no layout divides: the end padding is exercised too.
+tokens, which no layout divides: the end padding is exercised too. At sp = 4 also a dp x sp = 2 x 2
+mesh (the sp group a subgroup of the job).
 """
 from __future__ import annotations
 
@@ -46,6 +47,14 @@ def _worker(rank, world, port, out_dir):
                 pred = model(_images())
             results[(impl, grad_sync)] = {"loss": loss.detach(), "pred": pred, "layout": model.sequence_parallel.layout,
                                           "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+        if world == 4:  # dp x sp = 2 x 2: the sp group is a subgroup (global ranks 0, 1 and 2, 3)
+            sub, _, _ = _mesh_groups(4, 2)
+            for impl in ("ring", "ulysses"):
+                model = parallelize_causal(_model(), sub, impl)
+                loss = model.loss(_images())
+                loss.backward()
+                results[("mesh", impl)] = {"loss": loss.detach(),
+                                           "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
         # The gathered forward is differentiable too: its gradient equals the loss's.
         model = vit_causal_digits(img_size=10, depth=2)
         parallelize_causal(model, group, "ring")
@@ -87,6 +96,12 @@ def _check(tmp_path, world):
             else:  # the sum over the group is the full gradient
                 got = sum(r[case]["grads"][name] for r in ranks)
                 torch.testing.assert_close(got, expect, **TOL, msg=lambda m: f"{case} {name}: {m}")
+    for impl in ("ring", "ulysses") if world == 4 else ():
+        for i, r in enumerate(ranks):
+            torch.testing.assert_close(r[("mesh", impl)]["loss"], loss.detach(), **TOL)
+            for name, expect in grads.items():
+                torch.testing.assert_close(r[("mesh", impl)]["grads"][name], expect, **TOL,
+                                           msg=lambda m: f"2 x 2 mesh {impl} rank {i} {name}: {m}")
     # gathered forward + mse on every rank: same gradient as the one-process model with those weights
     gref = vit_causal_digits(img_size=10, depth=2)
     gref.load_state_dict(ranks[0]["gathered_params"])
