@@ -170,3 +170,51 @@ def test_loss_trains_every_parameter(model):
         for p in model.parameters():
             p -= 0.01 * p.grad  # one small SGD step
     assert model.loss(images) < loss
+
+
+# --- generation with the cache equals generation that recomputes the full causal forward (issue 19, item 3)
+
+
+def _recompute_next(model, patches: torch.Tensor) -> torch.Tensor:
+    """The next patch of one or more sequences of k patches (B, k, patch_dim): a full causal forward
+    over the start token and all k patches, no cache; the prediction at the last token."""
+    tokens = torch.cat([model.start_token.expand(patches.shape[0], -1, -1), model.patch_embed(patches)], dim=1)
+    return model.forward_tokens(tokens + model.pos_embed[:, :tokens.shape[1]])[:, -1]
+
+
+@torch.no_grad()
+def test_cached_generation_equals_recomputing_the_full_forward_each_step(model):
+    prompt = model.patchify(_images(model))[:, :5]
+    cached = model.patchify(model.generate(batch=2, prompt=prompt))
+    out = prompt
+    while out.shape[1] < model.num_patches:
+        out = torch.cat([out, _recompute_next(model, out)[:, None]], dim=1)
+    torch.testing.assert_close(cached, out, **TOL)
+    assert not torch.allclose(out[:, 5:], model.patchify(_images(model))[:, 5:])  # it generated, not copied
+
+
+@torch.no_grad()
+def test_ragged_cached_generation_equals_recomputing_each_sequence(model):
+    # Prompts of 3 and 7 patches in one batch: one lockstep prefill of 7, then sequence 0's cache
+    # length is cut back to its own 1 + 3 tokens, and every decoding step writes each sequence's
+    # new token at its own position (cache.seqlens) with its own position embedding.
+    lengths, new = [3, 7], 8
+    patches = model.patchify(_images(model))
+    cache = model.new_cache(batch=2)
+    model.step(None, cache)
+    prefill = model.step(patches[:, :max(lengths)], cache)
+    cache.seqlens.copy_(torch.tensor([1 + k for k in lengths]))
+    pred = torch.stack([prefill[b, k - 1] for b, k in enumerate(lengths)])
+    generated = [pred]
+    for _ in range(new - 1):
+        pos = cache.seqlens.long()
+        tokens = model.patch_embed(pred[:, None]) + model.pos_embed[0, pos][:, None]
+        pred = model.forward_tokens(tokens, cache)[:, -1]
+        generated.append(pred)
+    assert cache.seqlens.tolist() == [1 + k + new - 1 for k in lengths]
+    generated = torch.stack(generated, dim=1)
+    for b, k in enumerate(lengths):
+        seq = patches[b:b + 1, :k]
+        for _ in range(new):
+            seq = torch.cat([seq, _recompute_next(model, seq)[:, None]], dim=1)
+        torch.testing.assert_close(generated[b], seq[0, k:], **TOL, msg=lambda m: f"sequence {b}: {m}")
