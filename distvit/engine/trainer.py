@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from distvit import dist as ddist
 from distvit import models
+from distvit import offload
 from distvit.checkpoint import io as ckio
 from distvit.checkpoint.reshape import COMMON_STATE, is_reshaped, is_universal
 from distvit.config import Config, ConfigError, save_config
@@ -166,9 +167,7 @@ class Trainer:
         )
         self.offload = None
         if cfg.parallel.offload == "interleaved":
-            from distvit.engine.offload import enable_interleaved_offload
-
-            self.offload = enable_interleaved_offload(self.engine, cfg.parallel.offload_gpu_fraction, logger=log0)
+            self.offload = offload.enable(self.engine, offload.Settings.from_config(cfg.parallel), logger=log0)
         self.ema = self._build_ema(model)
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         # A frozen teacher beside the engine (never wrapped by DeepSpeed), in the student's precision.
@@ -498,6 +497,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
             "img_per_s": img_per_s, "step_time_s": step_time, "tflops": tflops, "mfu": mfu,
             "peak_mem_gib": peak_memory_gib(self.device), "bad_samples": self._sum_over_ranks(stats.get("bad_samples", 0)),
+            **offload.stats(self.offload),
         }
 
     def _sum_over_ranks(self, value: int) -> int:
