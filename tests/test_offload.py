@@ -591,3 +591,51 @@ def test_drift_from_a_wrong_model_triggers_a_replan(two_rank_runs):
         assert stats["refits"] >= 1
         assert res["replan"]["cpu_adam_rate"] < 1e14  # refit to what the step measured
         assert stats["measured_placements"]  # the refit filed the window's time under its placement
+
+
+# ----------------------------------------------------------------------------- public face
+def test_config_accepts_exactly_the_package_modes():
+    import typing
+
+    from distvit import offload
+    from distvit.config import ParallelConfig
+
+    assert typing.get_args(ParallelConfig.model_fields["offload"].annotation) == offload.MODES
+    assert offload.__all__ == ["MODES", "Settings", "enable", "stats"]
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"patience": 0}, "patience must be >= 1 step, got 0"),
+        ({"max_replans": -1}, "max_replans must be >= 0, got -1"),
+        ({"max_resident": 0}, "max_resident must be >= 1 sub-group, got 0"),
+        ({"kernel": "cuda"}, "kernel must be 'auto', 'torch' or 'cpu_adam', got 'cuda'"),
+    ],
+)
+def test_settings_refuse_bad_knobs(kw, message):
+    with pytest.raises(ValueError) as err:
+        Settings("interleaved", **kw)
+    assert message in str(err.value)
+
+
+def test_enable_refuses_modes_deepspeed_runs_alone():
+    from distvit import offload
+
+    with pytest.raises(ValueError, match=r"settings say mode='partial'.*call enable only for interleaved"):
+        offload.enable(object(), Settings("partial", 0.5))
+
+
+def test_stats_is_the_metrics_view_of_the_handle():
+    from distvit import offload
+    from distvit.engine.metrics import COLUMNS
+
+    class Handle:
+        def stats(self):
+            return {"device_fraction": 0.5, "predicted_update_s": 0.2, "measured_update_s": 0.25, "replans": 1,
+                    "h2d_s": 0.01}
+
+    assert offload.stats(None) == {}
+    assert offload.stats(Handle()) == {"offload_device_fraction": 0.5, "offload_predicted_update_s": 0.2,
+                                       "offload_measured_update_s": 0.25, "offload_replans": 1}
+    assert set(offload.STATS_COLUMNS) <= set(COLUMNS)  # metrics.csv keeps them (it ignores unknown keys)
