@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from distvit.data.config import DataConfig
 from distvit.offload import MODES as OFFLOAD_MODES
+from distvit.offload import Settings as OffloadSettings
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -128,9 +129,7 @@ class ParallelConfig(Section):
                 f"parallel.offload={self.offload} splits ZeRO-3's optimizer sub-groups between device and CPU "
                 f"(got zero_stage={self.zero_stage}); set parallel.zero_stage=3"
             )
-        from distvit.offload import Settings
-
-        Settings.from_config(self)  # the fraction's range and its fit with the mode
+        OffloadSettings.from_config(self)  # the fraction's range and its fit with the mode
         if (self.sp_impl == "hybrid") != (self.ulysses_size is not None):
             raise ValueError(f"parallel.ulysses_size={self.ulysses_size} with parallel.sp_impl={self.sp_impl}: set "
                              "ulysses_size (a divisor of sp_size) exactly when sp_impl=hybrid")

@@ -1,4 +1,4 @@
-"""`Settings` (exported as `distvit.offload.Settings`): the offload mode and its knobs, in one place.
+"""`OffloadSettings` (exported as `distvit.offload.Settings`): the offload mode and its knobs, in one place.
 
 Torch-free on purpose: `distvit.config` imports `MODES` from here, so the allowed values of
 `parallel.offload` are the ones this package dispatches on.
@@ -23,7 +23,7 @@ def check_fraction(gpu_fraction: Any, where: str) -> None:
 
 
 @dataclass(frozen=True)
-class Settings:
+class OffloadSettings:
     """mode: none | cpu | partial | interleaved (README.md beside this file).
 
     gpu_fraction: share of the optimizer state (by elements) updated on the device: `partial`
@@ -73,7 +73,7 @@ class Settings:
             raise ValueError(f"kernel must be 'auto', 'torch' or 'cpu_adam', got {self.kernel!r}")
 
     @classmethod
-    def from_config(cls, parallel: Any) -> "Settings":
+    def from_config(cls, parallel: Any) -> "OffloadSettings":
         """From `cfg.parallel` (ParallelConfig): its offload and offload_gpu_fraction."""
         return cls(mode=parallel.offload, gpu_fraction=parallel.offload_gpu_fraction)
 
@@ -97,3 +97,6 @@ class Settings:
         ratio = 1.0 - float(self.gpu_fraction) if self.mode == "partial" else 1.0
         fragment["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available(), "ratio": ratio}
         return fragment
+
+
+Settings = OffloadSettings
