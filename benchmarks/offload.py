@@ -3,7 +3,7 @@
 Same model, same batch, same run, one engine after another:
   cpu          stock DeepSpeed CPU offload (offload_optimizer.ratio 1.0): the peer of every ratio
   none         no offload (state on the device)
-  interleaved  distvit.engine.offload (gpu_fraction from --fraction, default auto)
+  interleaved  distvit.offload (gpu_fraction from --fraction, default auto)
   partial      DeepSpeed's offload_optimizer.ratio at the device-state share that takes as much
                device memory as interleaved's slots (16 B/element either way)
   zenflow      DeepSpeed ZenFlow (asynchronous, top-k; NOT numerically equivalent to the others)
@@ -76,16 +76,16 @@ def batch(args, device):
 
 
 def ds_config(args, mode: str, partial_gpu_fraction: float | None) -> dict:
-    from distvit.engine.offload import offload_ds_config
+    from distvit.offload import Settings
 
     if mode == "zenflow":
-        zero = offload_ds_config("cpu", "auto", args.sub_group_size)
+        zero = Settings("cpu", "auto").ds_fragment(args.sub_group_size)
         zero["zenflow"] = {"topk_ratio": 0.1, "select_strategy": "step", "select_interval": 4,
                            "update_interval": 4, "overlap_step": True}
     elif mode == "partial":
-        zero = offload_ds_config("partial", partial_gpu_fraction, args.sub_group_size)
+        zero = Settings("partial", partial_gpu_fraction).ds_fragment(args.sub_group_size)
     else:
-        zero = offload_ds_config("cpu" if mode == "cpu" else mode, "auto", args.sub_group_size)
+        zero = Settings("cpu" if mode == "cpu" else mode, "auto").ds_fragment(args.sub_group_size)
     return {
         "train_micro_batch_size_per_gpu": args.batch,
         "zero_optimization": {"stage": 3, **zero},
@@ -105,7 +105,8 @@ def run_mode(args, mode: str, device, partial_gpu_fraction=None) -> dict:
     import deepspeed
     from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 
-    from distvit.engine.offload import enable_interleaved_offload
+    from distvit import offload
+    from distvit.offload import Settings
 
     model = build_model(args)
     n_params = sum(p.numel() for p in model.parameters())
@@ -117,7 +118,7 @@ def run_mode(args, mode: str, device, partial_gpu_fraction=None) -> dict:
     handle = None
     if mode == "interleaved":
         fraction = args.fraction if args.fraction == "auto" else float(args.fraction)
-        handle = enable_interleaved_offload(engine, fraction, log_every=0, logger=lambda m: None)
+        handle = offload.enable(engine, Settings("interleaved", fraction, log_every=0), logger=lambda m: None)
         if os.environ.get("OFFLOAD_BENCH_TRACE"):
             print(handle.rates, flush=True)
     x, y = batch(args, device)

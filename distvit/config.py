@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from distvit.data.config import DataConfig
 from distvit.errors import UserError
+from distvit.offload import MODES as OFFLOAD_MODES
+from distvit.offload import Settings as OffloadSettings
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -168,7 +170,7 @@ class ParallelConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     grad_accum: int = 1
     activation_checkpointing: bool = False
-    offload: Literal["none", "cpu", "interleaved"] = "none"
+    offload: Literal[OFFLOAD_MODES] = "none"  # distvit/offload/README.md; partial: DeepSpeed offload_optimizer.ratio
     offload_gpu_fraction: float | Literal["auto"] = "auto"
     # ZeRO-3 optimizer sub-group, in elements. auto: DeepSpeed's 1e9 for none/cpu; for interleaved
     # about 1/8 of a rank's optimizer state, so the update can be split between device and CPU.
@@ -185,13 +187,12 @@ class ParallelConfig(Section):
                 f"parallel.offload={self.offload} needs ZeRO stage 1-3 (got parallel.zero_stage=0); "
                 "set parallel.zero_stage=2 or 3"
             )
-        if self.offload == "interleaved" and self.zero_stage != 3:
+        if self.offload in ("interleaved", "partial") and self.zero_stage != 3:
             raise ValueError(
-                f"parallel.offload=interleaved extends ZeRO-3's sub-group step (got zero_stage={self.zero_stage}); "
-                "set parallel.zero_stage=3"
+                f"parallel.offload={self.offload} splits ZeRO-3's optimizer sub-groups between device and CPU "
+                f"(got zero_stage={self.zero_stage}); set parallel.zero_stage=3"
             )
-        if isinstance(self.offload_gpu_fraction, float) and not 0.0 <= self.offload_gpu_fraction <= 1.0:
-            raise ValueError(f"parallel.offload_gpu_fraction must be 'auto' or in [0, 1], got {self.offload_gpu_fraction}")
+        OffloadSettings.from_config(self)  # the fraction's range and its fit with the mode
         if (self.sp_impl == "hybrid") != (self.ulysses_size is not None):
             raise ValueError(f"parallel.ulysses_size={self.ulysses_size} with parallel.sp_impl={self.sp_impl}: set "
                              "ulysses_size (a divisor of sp_size) exactly when sp_impl=hybrid")

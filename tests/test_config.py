@@ -91,13 +91,24 @@ def test_wrong_type_names_key_value_and_type(tmp_path):
 
 
 def test_literal_choice_error_lists_choices():
-    with pytest.raises(ConfigError, match=r"'parallel.offload'.*'gpu'.*'none', 'cpu' or 'interleaved'"):
+    with pytest.raises(ConfigError, match=r"'parallel.offload'.*'gpu'.*'none', 'cpu', 'partial' or 'interleaved'"):
         load_config(None, ["parallel.offload=gpu"])
 
 
 def test_cross_field_rule_names_fix():
     with pytest.raises(ConfigError, match=r"parallel.offload=interleaved .*set parallel.zero_stage=3"):
         load_config(None, ["parallel.offload=interleaved", "parallel.zero_stage=2"])
+
+
+def test_offload_modes_and_fraction_are_checked_at_load():
+    with pytest.raises(ConfigError, match=r"parallel.offload=partial .*set parallel.zero_stage=3"):
+        load_config(None, ["parallel.offload=partial", "parallel.zero_stage=2", "parallel.offload_gpu_fraction=0.5"])
+    with pytest.raises(ConfigError, match=r"parallel.offload=partial .*set parallel.offload_gpu_fraction to a number"):
+        load_config(None, ["parallel.offload=partial", "parallel.zero_stage=3"])
+    with pytest.raises(ConfigError, match=r"parallel.offload_gpu_fraction=0.5 has no effect with parallel.offload=cpu"):
+        load_config(None, ["parallel.offload=cpu", "parallel.zero_stage=3", "parallel.offload_gpu_fraction=0.5"])
+    cfg = load_config(None, ["parallel.offload=partial", "parallel.zero_stage=3", "parallel.offload_gpu_fraction=0.25"])
+    assert cfg.parallel.offload == "partial" and cfg.parallel.offload_gpu_fraction == 0.25
 
 
 def test_missing_file_lists_shipped_configs():

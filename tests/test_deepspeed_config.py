@@ -42,6 +42,14 @@ def test_precision_auto_is_fp32_on_cpu_and_bf16_explicit():
 def test_stock_cpu_offload():
     z = ds("parallel.offload=cpu")["zero_optimization"]
     assert z["offload_optimizer"]["device"] == "cpu"
+    assert z["offload_optimizer"]["ratio"] == 1.0
+    assert "offload_optimizer" not in ds("parallel.offload=none")["zero_optimization"]
+
+
+def test_partial_offload_is_deepspeed_ratio():
+    z = ds("parallel.zero_stage=3", "parallel.offload=partial", "parallel.offload_gpu_fraction=0.25")["zero_optimization"]
+    assert z["offload_optimizer"]["device"] == "cpu"
+    assert z["offload_optimizer"]["ratio"] == 0.75  # DeepSpeed's ratio is the CPU share
 
 
 def test_sub_group_size_auto():

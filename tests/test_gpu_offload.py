@@ -22,7 +22,7 @@ import torch
 
 from gpu_helpers import DEVICES, rank_env, spawn
 
-from distvit.engine.offload import offload_ds_config
+from distvit.offload import Settings
 
 STEPS, LR = 6, 1e-2
 # cpu: small and fast for CI; cuda: sub-groups of 1M elements so transfers take measurable time.
@@ -33,7 +33,7 @@ def _build(device: str, mode: str, fraction=None, *, param_offload: bool = False
     import deepspeed
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    from distvit.engine.offload import enable_interleaved_offload
+    from distvit import offload
 
     dims, sub_group = SIZES[device]
     torch.manual_seed(0)
@@ -44,7 +44,7 @@ def _build(device: str, mode: str, fraction=None, *, param_offload: bool = False
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     opt = DeepSpeedCPUAdam([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=LR)
-    zero = {"stage": 3, **offload_ds_config("cpu" if mode == "cpu" else "interleaved", "auto", sub_group)}
+    zero = {"stage": 3, **Settings("cpu" if mode == "cpu" else "interleaved", "auto").ds_fragment(sub_group)}
     if param_offload:
         zero["offload_param"] = {"device": "cpu"}
     config = {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.5, "zero_optimization": zero,
@@ -52,7 +52,7 @@ def _build(device: str, mode: str, fraction=None, *, param_offload: bool = False
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     if mode == "cpu":
         return engine, None
-    return engine, enable_interleaved_offload(engine, fraction, log_every=0, logger=lambda msg: None)
+    return engine, offload.enable(engine, Settings("interleaved", fraction, log_every=0), logger=lambda msg: None)
 
 
 def _train(engine, device: str, steps: int) -> list[float]:
@@ -114,10 +114,10 @@ def _worker(rank: int, world: int, port: int, device: str, out: str) -> None:
             # On the CPU accelerator, host partitions are where they belong: the stand-in is right.
             # Pretend the accelerator is a GPU: what a GPU machine sees with offload_param=cpu.
             engine.device = torch.device("cuda", 0)
-            from distvit.engine.offload import enable_interleaved_offload
+            from distvit import offload
 
             handle.disable()
-            enable_interleaved_offload(engine, 0.5, log_every=0, logger=lambda msg: None)
+            offload.enable(engine, Settings("interleaved", 0.5, log_every=0), logger=lambda msg: None)
         results["param offload"] = f"accepted with backend {handle.backend.name}"
     except ValueError as err:
         results["param offload"] = str(err)

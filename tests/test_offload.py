@@ -1,4 +1,4 @@
-"""Interleaved optimizer offload (distvit.engine.offload*): model, config, kernel, and DeepSpeed equivalence.
+"""Interleaved optimizer offload (distvit.offload): model, config, kernel, and DeepSpeed equivalence.
 
 The multi-rank test trains a small MLP on 2 gloo ranks with DeepSpeed's CPU accelerator and
 compares, rank by rank, interleaved offload against stock ZeRO-3 CPU offload:
@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from distvit.engine.offload import offload_ds_config
-from distvit.engine.offload_model import (
+from distvit.offload import Settings
+from distvit.offload._model import (
     D2H_BYTES_PER_ELEMENT,
     H2D_BYTES_PER_ELEMENT,
     Rates,
@@ -27,7 +27,7 @@ from distvit.engine.offload_model import (
     refit,
     simulate,
 )
-from distvit.engine.offload_schedule import StepRecord, measured_rates
+from distvit.offload._schedule import StepRecord, measured_rates
 
 STEPS, SAVE_AT, LR = 10, 5, 1e-2
 EPS32 = torch.finfo(torch.float32).eps
@@ -36,12 +36,13 @@ EPS32 = torch.finfo(torch.float32).eps
 # ----------------------------------------------------------------------------- config fragment
 def test_ds_config_fragment_per_mode():
     pin = torch.cuda.is_available()
-    assert offload_ds_config("none", "auto", 1000) == {"sub_group_size": 1000, "offload_optimizer": {"device": "none"}}
+    assert Settings("none", "auto").ds_fragment(1000) == {"sub_group_size": 1000}  # DeepSpeed's default: no offload
+    assert Settings("none").ds_fragment() == {}
     stock = {"sub_group_size": 1000, "offload_optimizer": {"device": "cpu", "pin_memory": pin, "ratio": 1.0}}
-    assert offload_ds_config("cpu", "auto", 1000) == stock
-    # interleaved looks like stock to DeepSpeed: the fraction is applied by enable_interleaved_offload
-    assert offload_ds_config("interleaved", 0.5, 1000) == stock
-    assert offload_ds_config("partial", 0.25, 1000)["offload_optimizer"]["ratio"] == 0.75
+    assert Settings("cpu", "auto").ds_fragment(1000) == stock
+    # interleaved looks like stock to DeepSpeed: the fraction is applied by offload.enable
+    assert Settings("interleaved", 0.5).ds_fragment(1000) == stock
+    assert Settings("partial", 0.25).ds_fragment(1000)["offload_optimizer"]["ratio"] == 0.75
 
 
 @pytest.mark.parametrize(
@@ -56,7 +57,8 @@ def test_ds_config_fragment_per_mode():
 )
 def test_ds_config_fragment_errors(args, message):
     with pytest.raises(ValueError) as err:
-        offload_ds_config(*args)
+        mode, fraction, sub_group_size = args
+        Settings(mode, fraction).ds_fragment(sub_group_size)
     assert message in str(err.value)
 
 
@@ -250,10 +252,10 @@ FLATTERING = Rates(cpu_adam=6e8, device_adam=2.4e10, h2d=2.8e11, d2h=3.2e11, par
 
 
 def _replanner(fraction="auto", scratch=SCRATCH, **kw):
-    from distvit.engine.offload_replan import Replanner
+    from distvit.offload._replan import Replanner
 
-    return Replanner(SIZES, fraction, scratch, param_bytes=4, max_resident=2, memory_budget=1e12,
-                     recalibrate=lambda: scratch, **kw)
+    return Replanner(SIZES, Settings("interleaved", fraction, max_resident=2, **kw), scratch, param_bytes=4,
+                     memory_budget=1e12, recalibrate=lambda: scratch)
 
 
 def test_the_simulated_loop_makes_naive_replanning_oscillate():
@@ -332,9 +334,9 @@ def test_fixed_overhead_makes_prediction_match_when_the_split_does_not_matter():
                               param_write_s=sum(t for *_, t in write), param_write_bytes=4 * sum(SIZES),
                               calls=adam + write)
 
-    from distvit.engine.offload_replan import Replanner
+    from distvit.offload._replan import Replanner
 
-    rp = Replanner(SIZES, "auto", same, param_bytes=4, max_resident=2, memory_budget=1e12)
+    rp = Replanner(SIZES, Settings("interleaved", "auto", max_resident=2), same, param_bytes=4, memory_budget=1e12)
     start = rp.plan.placement
     used, messages = _drive(rp, EvenLoop(), 50)
     assert rp.refits == 1 and rp.replans == 0 and rp.plan.placement == start, messages
@@ -352,7 +354,7 @@ def test_fixed_fraction_keeps_its_subgroups_and_only_refreshes_the_prediction():
 
 
 def test_coarse_subgroups_get_a_sub_group_size_to_set():
-    from distvit.engine.offload import granularity_advice, suggest_sub_group_size
+    from distvit.offload._interleaved import granularity_advice, suggest_sub_group_size
 
     # the trainer's default (1e9): decay and no-decay parameter groups, one sub-group each
     assert granularity_advice((66_000, 2_005), 1_000_000_000) == (
@@ -373,7 +375,7 @@ def test_coarse_subgroups_get_a_sub_group_size_to_set():
 def test_torch_kernel_matches_deepspeed_cpu_adam(adamw_mode):
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    from distvit.engine.offload_kernels import TorchAdam
+    from distvit.offload._kernels import TorchAdam
 
     gen = torch.Generator().manual_seed(0)
     n = 50_001  # odd: exercises cpu_adam's scalar tail after its SIMD tiles
@@ -414,7 +416,7 @@ def _build(mode: str, fraction=None, *, kernel="auto", rates=None, patience=3):
     import deepspeed
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    from distvit.engine.offload import enable_interleaved_offload
+    from distvit import offload
 
     torch.manual_seed(0)
     dims = [32, 64, 64, 64, 10]
@@ -428,14 +430,14 @@ def _build(mode: str, fraction=None, *, kernel="auto", rates=None, patience=3):
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_clipping": 0.5,  # exercises the clip factor interleaved offload applies on the device
-        "zero_optimization": {"stage": 3, **offload_ds_config("cpu" if mode == "cpu" else "interleaved", "auto", 1500)},
+        "zero_optimization": {"stage": 3, **Settings("cpu" if mode == "cpu" else "interleaved", "auto").ds_fragment(1500)},
         "steps_per_print": 10**9,
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     handle = None
     if mode == "interleaved":
-        handle = enable_interleaved_offload(engine, fraction, log_every=0, kernel=kernel, rates=rates, patience=patience,
-                                            logger=lambda msg: None)
+        handle = offload.enable(engine, Settings("interleaved", fraction, log_every=0, kernel=kernel, patience=patience),
+                                rates=rates, logger=lambda msg: None)
     return engine, handle
 
 
@@ -589,3 +591,51 @@ def test_drift_from_a_wrong_model_triggers_a_replan(two_rank_runs):
         assert stats["refits"] >= 1
         assert res["replan"]["cpu_adam_rate"] < 1e14  # refit to what the step measured
         assert stats["measured_placements"]  # the refit filed the window's time under its placement
+
+
+# ----------------------------------------------------------------------------- public face
+def test_config_accepts_exactly_the_package_modes():
+    import typing
+
+    from distvit import offload
+    from distvit.config import ParallelConfig
+
+    assert typing.get_args(ParallelConfig.model_fields["offload"].annotation) == offload.MODES
+    assert offload.__all__ == ["MODES", "Settings", "enable", "stats"]
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"patience": 0}, "patience must be >= 1 step, got 0"),
+        ({"max_replans": -1}, "max_replans must be >= 0, got -1"),
+        ({"max_resident": 0}, "max_resident must be >= 1 sub-group, got 0"),
+        ({"kernel": "cuda"}, "kernel must be 'auto', 'torch' or 'cpu_adam', got 'cuda'"),
+    ],
+)
+def test_settings_refuse_bad_knobs(kw, message):
+    with pytest.raises(ValueError) as err:
+        Settings("interleaved", **kw)
+    assert message in str(err.value)
+
+
+def test_enable_refuses_modes_deepspeed_runs_alone():
+    from distvit import offload
+
+    with pytest.raises(ValueError, match=r"settings say mode='partial'.*call enable only for interleaved"):
+        offload.enable(object(), Settings("partial", 0.5))
+
+
+def test_stats_is_the_metrics_view_of_the_handle():
+    from distvit import offload
+    from distvit.engine.metrics import COLUMNS
+
+    class Handle:
+        def stats(self):
+            return {"device_fraction": 0.5, "predicted_update_s": 0.2, "measured_update_s": 0.25, "replans": 1,
+                    "h2d_s": 0.01}
+
+    assert offload.stats(None) == {}
+    assert offload.stats(Handle()) == {"offload_device_fraction": 0.5, "offload_predicted_update_s": 0.2,
+                                       "offload_measured_update_s": 0.25, "offload_replans": 1}
+    assert set(offload.STATS_COLUMNS) <= set(COLUMNS)  # metrics.csv keeps them (it ignores unknown keys)

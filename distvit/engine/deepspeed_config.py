@@ -38,22 +38,18 @@ def resolve_sub_group_size(cfg: Config, elements_per_rank: int | None) -> int:
     if size != "auto":
         return size
     if cfg.parallel.offload == "interleaved" and elements_per_rank:
-        from distvit.engine.offload import suggest_sub_group_size
+        from distvit.offload._interleaved import suggest_sub_group_size
 
         budget = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
         return suggest_sub_group_size(elements_per_rank, memory_budget=budget)
     return DEEPSPEED_SUB_GROUP_SIZE
 
 
-def offload_fragment(cfg: Config, sub_group_size: int) -> dict[str, Any]:
-    mode = cfg.parallel.offload
-    if mode == "none":
-        return {}
-    if mode == "interleaved":
-        from distvit.engine.offload import offload_ds_config
+def offload_fragment(cfg: Config) -> dict[str, Any]:
+    """parallel.offload as DeepSpeed keys: built by the offload package (its one place for that)."""
+    from distvit.offload import Settings
 
-        return offload_ds_config(mode, cfg.parallel.offload_gpu_fraction, sub_group_size)
-    return {"offload_optimizer": {"device": "cpu", "pin_memory": torch.cuda.is_available()}}
+    return Settings.from_config(cfg.parallel).ds_fragment()
 
 
 def build_ds_config(cfg: Config, device: torch.device, *, elements_per_rank: int | None = None) -> dict[str, Any]:
@@ -65,7 +61,7 @@ def build_ds_config(cfg: Config, device: torch.device, *, elements_per_rank: int
         zero.update(sub_group_size=sub_group_size, stage3_gather_16bit_weights_on_model_save=False)
     if cfg.parallel.zero_stage >= 2:
         zero.update(overlap_comm=device.type == "cuda", contiguous_gradients=True)
-    zero.update(offload_fragment(cfg, sub_group_size))
+    zero.update(offload_fragment(cfg))
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.parallel.grad_accum,
@@ -84,7 +80,7 @@ def build_ds_config(cfg: Config, device: torch.device, *, elements_per_rank: int
         ds = merge_user_json(ds, cfg.parallel.deepspeed_extra)
     param_device = (ds["zero_optimization"].get("offload_param") or {}).get("device", "none")
     if cfg.parallel.offload == "interleaved" and param_device == "cpu" and device.type != "cpu":
-        from distvit.engine.offload import param_offload_error
+        from distvit.offload._interleaved import param_offload_error
 
         raise ConfigError(param_offload_error(device, f"parallel.deepspeed_extra '{cfg.parallel.deepspeed_extra}'"))
     return ds

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from distvit import comm
 from distvit import dist as ddist
 from distvit import errors, launch_check, models, watchdog
+from distvit import offload
 from distvit.checkpoint import io as ckio
 from distvit.checkpoint.reshape import COMMON_STATE, is_reshaped, is_universal
 from distvit.config import Config, ConfigError, save_config
@@ -184,9 +185,7 @@ class Trainer:
         self._step_sync = StepSync(self.device, dp_size=self.mesh.dp_size, sp_rank=self.mesh.sp_rank)
         self.offload = None
         if cfg.parallel.offload == "interleaved":
-            from distvit.engine.offload import enable_interleaved_offload
-
-            self.offload = enable_interleaved_offload(self.engine, cfg.parallel.offload_gpu_fraction, logger=log0)
+            self.offload = offload.enable(self.engine, offload.Settings.from_config(cfg.parallel), logger=log0)
         self.ema = self._build_ema(model)
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         # A frozen teacher beside the engine (never wrapped by DeepSpeed), in the student's precision.
@@ -535,6 +534,7 @@ class Trainer:
             "grad_norm": grad_norm(self.engine, self._clip),
             "img_per_s": img_per_s, "step_time_s": step_time, "tflops": tflops, "mfu": mfu,
             "peak_mem_gib": peak_memory_gib(self.device), "bad_samples": reading.bad_samples,
+            **offload.stats(self.offload),
         }
 
     def export(self, tag_dir: Path) -> Path | None:

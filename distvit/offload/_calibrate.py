@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from distvit.engine.offload_model import D2H_BYTES_PER_ELEMENT, H2D_BYTES_PER_ELEMENT, Rates
+from distvit.offload._model import D2H_BYTES_PER_ELEMENT, H2D_BYTES_PER_ELEMENT, Rates
 
 CALIBRATION_ELEMENTS = 1 << 22  # 16 MiB per fp32 tensor: long enough to time, short enough at start
 

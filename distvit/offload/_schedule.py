@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distvit.engine.offload_model import D2H_BYTES_PER_ELEMENT, H2D_BYTES_PER_ELEMENT
+from distvit.offload._model import D2H_BYTES_PER_ELEMENT, H2D_BYTES_PER_ELEMENT
 
 
 def deepspeed_unscale_factor(zero_opt, total_norm):
@@ -106,7 +106,7 @@ def _per_call_fit(samples: list[tuple[int, float]]) -> tuple[float, float] | Non
 
 
 def measured_rates(records, prior=None) -> dict[str, float]:
-    """Speeds and per-call costs seen over some steps, as `offload_model.Rates` field values.
+    """Speeds and per-call costs seen over some steps, as `_model.Rates` field values.
 
     With calls of different sizes the fixed cost per call is fitted apart from the speed
     (`<name>_call_s`). Otherwise, given `prior` (Rates timed on large scratch tensors), the speed
@@ -312,9 +312,9 @@ class SubGroupPipeline:
 
 
 class InterleavedZero3Hooks:
-    """Mixed in front of DeepSpeedZeroOptimizer_Stage3 by `enable_interleaved_offload`.
+    """Mixed in front of DeepSpeedZeroOptimizer_Stage3 by `distvit.offload.enable`.
 
-    `self._interleaved` is the controller (distvit.engine.offload.InterleavedOffload); it owns the
+    `self._interleaved` is the controller (distvit.offload._interleaved.InterleavedOffload); it owns the
     plan and the `SubGroupPipeline`.
     """
 

@@ -1,6 +1,6 @@
 """When and how interleaved offload revises its plan from what the steps measured.
 
-The model (`offload_model`) is fed start-up speeds timed on scratch tensors. Inside the real step
+The model (`_model`) is fed start-up speeds timed on scratch tensors. Inside the real step
 loop a sub-group also pays Python and DeepSpeed's own work around each call, and the step pays a
 fixed cost no placement changes; so the first measured steps differ from the prediction. A naive
 "refit and choose again" then flips between placements: the side that just ran is refit to its
@@ -10,7 +10,7 @@ and so on (measured on 2 CPU ranks: 100% <-> 0% of the sub-groups every 3 steps)
 `Replanner` settles instead:
 - speeds measured in the loop are kept per resource across re-plans (`seen`); only resources
   never measured there are timed again on scratch tensors;
-- the fixed per-step overhead is fitted to the measured steps (`offload_model.fit_overhead`),
+- the fixed per-step overhead is fitted to the measured steps (`_model.fit_overhead`),
   so the current placement's prediction matches what it measured;
 - every placement that has run is filed with its measured median update time and judged by
   that, never by the model: a placement measured worse is not chosen again;
@@ -24,8 +24,9 @@ from dataclasses import replace
 from statistics import median
 from typing import Callable
 
-from distvit.engine.offload_model import Fraction, Plan, Rates, fit_overhead, make_plan, refit, simulate
-from distvit.engine.offload_schedule import StepRecord, measured_rates
+from distvit.offload._model import Plan, Rates, fit_overhead, make_plan, refit, simulate
+from distvit.offload._schedule import StepRecord, measured_rates
+from distvit.offload._settings import Settings
 
 # resources each side of the step loop uses: a side whose speeds were all measured in the loop
 # needs no scratch re-timing
@@ -36,40 +37,24 @@ DEVICE_SIDE = ("h2d", "device_adam", "d2h")
 class Replanner:
     """Holds the plan; `observe` each step's record, it says when it refit or moved sub-groups."""
 
-    def __init__(
-        self,
-        sizes: tuple[int, ...],
-        fraction: Fraction,
-        rates: Rates,
-        *,
-        param_bytes: int,
-        max_resident: int,
-        memory_budget: float,
-        drift_tolerance: float = 0.25,
-        patience: int = 3,
-        min_gain: float = 0.1,
-        max_replans: int = 4,
-        recalibrate: Callable[[], Rates] | None = None,
-    ):
-        if patience < 1:
-            raise ValueError(f"patience must be >= 1 step, got {patience}")
-        if max_replans < 0:
-            raise ValueError(f"max_replans must be >= 0, got {max_replans}")
+    def __init__(self, sizes: tuple[int, ...], settings: Settings, rates: Rates, *, param_bytes: int,
+                 memory_budget: float, recalibrate: Callable[[], Rates] | None = None):
         self.sizes = sizes
-        self.fraction = fraction
+        self.settings = settings
+        self.fraction = settings.gpu_fraction
         self.rates = rates
         self.param_bytes = param_bytes
-        self.max_resident = max_resident
+        self.max_resident = settings.max_resident
         self.memory_budget = memory_budget
-        self.drift_tolerance = drift_tolerance
-        self.patience = patience
-        self.min_gain = min_gain
-        self.max_replans = max_replans
+        self.drift_tolerance = settings.drift_tolerance
+        self.patience = settings.patience
+        self.min_gain = settings.min_gain
+        self.max_replans = settings.max_replans
         self.recalibrate = recalibrate
         self.scratch = rates  # the latest speeds timed on scratch tensors: the prior of in-loop fits
         self.seen: dict[str, float] = {}  # speeds measured in the loop, latest window per resource
         self.measured: dict[tuple[int, int], float] = {}  # placement -> median update seconds of its latest window
-        self.window: deque[StepRecord] = deque(maxlen=patience)  # steps since the last refit
+        self.window: deque[StepRecord] = deque(maxlen=self.patience)  # steps since the last refit
         self.replans = 0  # placement changes
         self.refits = 0  # drift-triggered refits, whether or not the placement changed
         self.drifting = 0

@@ -1,7 +1,7 @@
 """Performance model of the ZeRO-3 update phase: which sub-groups to update on the device.
 
 The model is a small event simulator of the per-sub-group step loop that
-`distvit.engine.offload_schedule` runs, fed with measured rates:
+`distvit.offload._schedule` runs, fed with measured rates:
 
 - the host walks the sub-groups in DeepSpeed's order; a CPU sub-group keeps it busy for
   CPU Adam plus the fp32 -> bf16/fp16 parameter copy to the device (both synchronous);
@@ -51,7 +51,7 @@ class Rates:
     issue_s: float = 0.0  # host time to enqueue one device sub-group
     step_overhead_s: float = 0.0  # per-step host time the placement does not change (fitted, see fit_overhead)
     # fixed seconds per call of each resource on top of amount / speed (Python and DeepSpeed around
-    # the kernel); 0 from calibration, fitted in the loop (offload_schedule.measured_rates)
+    # the kernel); 0 from calibration, fitted in the loop (_schedule.measured_rates)
     cpu_adam_call_s: float = 0.0
     device_adam_call_s: float = 0.0
     h2d_call_s: float = 0.0

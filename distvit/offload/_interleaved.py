@@ -1,6 +1,6 @@
-"""Optimizer-state offload for ZeRO-3: DeepSpeed config pieces and interleaved offload.
+"""Interleaved optimizer-state offload for ZeRO-3 (the handle behind `distvit.offload.enable`).
 
-Modes (design note: docs/offload.md):
+Modes (design note: README.md beside this file; the DeepSpeed fragment: _settings.Settings.ds_fragment):
   none        optimizer state on the device
   cpu         DeepSpeed's ZeRO-Offload: fp32 master weights and Adam moments on the host,
               DeepSpeedCPUAdam updates every sub-group
@@ -11,65 +11,28 @@ Modes (design note: docs/offload.md):
               with CPU Adam on the rest ("Deep Optimizer States")
 
 Use:
-    ds = {..., "zero_optimization": {"stage": 3, **offload_ds_config("interleaved", "auto", 50_000_000)}}
+    settings = offload.Settings("interleaved", "auto", log_every=50)
+    ds = {..., "zero_optimization": {"stage": 3, **settings.ds_fragment(50_000_000)}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=DeepSpeedCPUAdam(...), config=ds)
-    offload = enable_interleaved_offload(engine, "auto", log_every=50)
+    handle = offload.enable(engine, settings)
     ...
-    offload.stats()   # predicted vs measured update time, transfer times
+    handle.stats()   # predicted vs measured update time, transfer times
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 
-from distvit.engine.offload_backend import backend_for
-from distvit.engine.offload_calibrate import calibrate
-from distvit.engine.offload_kernels import CpuAdamStandIn, TorchAdam
-from distvit.engine.offload_model import SLOT_BYTES_PER_ELEMENT, Fraction, Plan, Rates
-from distvit.engine.offload_replan import Replanner
-from distvit.engine.offload_schedule import InterleavedZero3Hooks, StepRecord, SubGroupPipeline
+from distvit.offload._backend import backend_for
+from distvit.offload._calibrate import calibrate
+from distvit.offload._kernels import CpuAdamStandIn, TorchAdam
+from distvit.offload._model import SLOT_BYTES_PER_ELEMENT, Plan, Rates
+from distvit.offload._replan import Replanner
+from distvit.offload._schedule import InterleavedZero3Hooks, StepRecord, SubGroupPipeline
+from distvit.offload._settings import Settings
 
-OffloadMode = Literal["none", "cpu", "partial", "interleaved"]
 MEMORY_HEADROOM = 0.9  # share of the free device memory the slots may take
-
-
-def _check_fraction(gpu_fraction: Any, where: str) -> None:
-    if gpu_fraction == "auto":
-        return
-    if isinstance(gpu_fraction, bool) or not isinstance(gpu_fraction, (int, float)) or not 0.0 <= gpu_fraction <= 1.0:
-        raise ValueError(f"{where} must be 'auto' or a number in [0, 1], got {gpu_fraction!r}")
-
-
-def offload_ds_config(mode: OffloadMode, gpu_fraction: Fraction = "auto", sub_group_size: int = 1_000_000_000) -> dict:
-    """The `zero_optimization` fragment for an offload mode (merge it into the ZeRO section).
-
-    `gpu_fraction` is the share of the optimizer state updated on the device: for `interleaved`
-    it is handed to `enable_interleaved_offload` (this fragment is the same for every fraction);
-    for `partial` it becomes DeepSpeed's `ratio` (= 1 - gpu_fraction, the CPU share).
-    """
-    if mode not in ("none", "cpu", "partial", "interleaved"):
-        raise ValueError(f"offload mode must be one of none, cpu, partial, interleaved (parallel.offload), got {mode!r}")
-    _check_fraction(gpu_fraction, "parallel.offload_gpu_fraction")
-    if isinstance(sub_group_size, bool) or not isinstance(sub_group_size, int) or sub_group_size < 1:
-        raise ValueError(f"parallel.sub_group_size must be a positive integer (elements), got {sub_group_size!r}")
-    if mode in ("none", "cpu") and gpu_fraction != "auto":
-        raise ValueError(
-            f"parallel.offload_gpu_fraction={gpu_fraction} has no effect with parallel.offload={mode}; "
-            "use parallel.offload=interleaved (or partial), or leave the fraction at 'auto'"
-        )
-    if mode == "partial" and gpu_fraction == "auto":
-        raise ValueError(
-            "parallel.offload=partial keeps a fixed share of the state on the device and cannot choose it; "
-            "set parallel.offload_gpu_fraction to a number in [0, 1] or use parallel.offload=interleaved"
-        )
-    fragment: dict[str, Any] = {"sub_group_size": sub_group_size}
-    if mode == "none":
-        fragment["offload_optimizer"] = {"device": "none"}
-        return fragment
-    ratio = 1.0 - float(gpu_fraction) if mode == "partial" else 1.0
-    fragment["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available(), "ratio": ratio}
-    return fragment
 
 
 def param_offload_error(device: torch.device, source: str) -> str:
@@ -93,16 +56,16 @@ def _rank() -> int:
 
 
 class InterleavedOffload:
-    """Handle returned by `enable_interleaved_offload`: the plan, measurements and re-planning."""
+    """Handle returned by `enable`: the plan, measurements and re-planning."""
 
-    def __init__(self, zero_opt, backend, kernel, rates: Rates, fraction: Fraction, *, max_resident: int,
-                 log_every: int, say: Callable[[str], None], drift_tolerance: float, patience: int,
-                 min_gain: float = 0.1, max_replans: int = 4, recalibrate: Callable[[], Rates] | None = None):
+    def __init__(self, zero_opt, backend, kernel, rates: Rates, settings: Settings, *, say: Callable[[str], None],
+                 recalibrate: Callable[[], Rates] | None = None):
         self.zero_opt = zero_opt
         self.backend = backend
         self.kernel = kernel
-        self.fraction = fraction
-        self.log_every = log_every
+        self.settings = settings
+        self.fraction = settings.gpu_fraction
+        self.log_every = settings.log_every
         self._say = say
         self.pipeline = SubGroupPipeline(zero_opt, backend, kernel)
         self.sizes = tuple(t.numel() for t in zero_opt.fp32_partitioned_groups_flat)
@@ -111,10 +74,8 @@ class InterleavedOffload:
         self._measured_sum = 0.0
         self._original_class = None
         self.replanner = Replanner(
-            self.sizes, fraction, rates, param_bytes=zero_opt.fp16_partitioned_groups_flat[0].element_size(),
-            max_resident=max_resident, memory_budget=backend.memory_budget() * MEMORY_HEADROOM,
-            drift_tolerance=drift_tolerance, patience=patience, min_gain=min_gain, max_replans=max_replans,
-            recalibrate=recalibrate,
+            self.sizes, settings, rates, param_bytes=zero_opt.fp16_partitioned_groups_flat[0].element_size(),
+            memory_budget=backend.memory_budget() * MEMORY_HEADROOM, recalibrate=recalibrate,
         )
 
     @property
@@ -211,7 +172,7 @@ def _validate(engine) -> Any:
         )
     opt = engine.optimizer
     if isinstance(opt, InterleavedZero3Hooks):
-        raise ValueError("interleaved offload is already enabled on this engine (enable_interleaved_offload was called twice)")
+        raise ValueError("interleaved offload is already enabled on this engine (offload.enable was called twice)")
     if not isinstance(opt, DeepSpeedZeroOptimizer_Stage3) or getattr(engine, "super_offload", lambda: False)():
         raise ValueError(
             f"interleaved offload hooks DeepSpeedZeroOptimizer_Stage3's step loop, but the engine's optimizer is "
@@ -221,12 +182,12 @@ def _validate(engine) -> Any:
         device = engine.zero_offload_optimizer().device if engine.zero_offload_optimizer() else "none"
         raise ValueError(
             f"interleaved offload keeps the optimizer state in host memory: zero_optimization.offload_optimizer.device "
-            f"must be 'cpu', got {device!r}; build the fragment with offload_ds_config('interleaved', ...)"
+            f"must be 'cpu', got {device!r}; build the fragment with Settings('interleaved').ds_fragment()"
         )
     if opt.partial_offload != 1.0:
         raise ValueError(
             f"zero_optimization.offload_optimizer.ratio={opt.partial_offload} keeps sub-groups on the device for the "
-            "whole run (partial offload); interleaved offload needs ratio 1.0: use offload_ds_config('interleaved', ...)"
+            "whole run (partial offload); interleaved offload needs ratio 1.0: use Settings('interleaved').ds_fragment()"
         )
     if type(opt.optimizer) is not DeepSpeedCPUAdam:
         raise ValueError(
@@ -245,35 +206,17 @@ def _validate(engine) -> Any:
     return opt
 
 
-def enable_interleaved_offload(
-    engine,
-    gpu_fraction: Fraction = "auto",
-    *,
-    log_every: int = 50,
-    logger: Any = None,
-    max_resident: int = 2,
-    drift_tolerance: float = 0.25,
-    patience: int = 3,
-    kernel: Literal["auto", "torch", "cpu_adam"] = "auto",
-    rates: Rates | None = None,
-    min_gain: float = 0.1,
-    max_replans: int = 4,
-) -> InterleavedOffload:
+def enable(engine, settings: Settings | None = None, *, logger: Any = None, rates: Rates | None = None) -> InterleavedOffload:
     """Install the interleaved schedule into a ZeRO-3 + CPU-offload engine; call right after deepspeed.initialize.
 
-    gpu_fraction: share of the optimizer state (by elements) updated on the device each step, or
-        "auto" to let the performance model choose (and re-choose when measurements drift).
-    log_every: log predicted vs measured update time every N optimizer steps (0: never).
+    settings: `Settings("interleaved", ...)` (the fraction, logging, re-planning knobs); default: auto.
     logger: a callable taking a string, an object with `.info`, or None for print (rank 0 only).
-    max_resident: sub-groups whose buffers may sit on the device at once (2 = double buffering).
-    kernel: device Adam; "auto" is "torch" on CUDA and "cpu_adam" (bitwise stock) on the CPU stand-in.
     rates: skip the start-up calibration and plan with these speeds (re-plans still measure).
-    drift_tolerance, patience: refit the model when measured and predicted update time differ by
-        more than this share for this many steps in a row (offload_replan.Replanner).
-    min_gain, max_replans: with "auto", move sub-groups only for an expected gain above this share
-        of the current update time, and at most this many times in a run.
     """
-    _check_fraction(gpu_fraction, "gpu_fraction (parallel.offload_gpu_fraction)")
+    settings = settings or Settings()
+    if settings.mode != "interleaved":
+        raise ValueError(f"offload.enable installs interleaved offload, but the settings say mode={settings.mode!r}; "
+                         "DeepSpeed alone runs none/cpu/partial (Settings.ds_fragment): call enable only for interleaved")
     opt = _validate(engine)
     lp = opt.fp16_partitioned_groups_flat[0]
     # The backend follows the accelerator, not where the partitions happen to live: with
@@ -282,12 +225,11 @@ def enable_interleaved_offload(
     if lp.device.type != device.type:
         raise ValueError(param_offload_error(device, "the DeepSpeed config"))
     backend = backend_for(device)
+    kernel = settings.kernel
     if kernel == "auto":
         kernel = "torch" if backend.concurrent else "cpu_adam"
     if kernel == "cpu_adam" and backend.concurrent:
         raise ValueError("kernel='cpu_adam' runs on host tensors only (the CPU stand-in); use kernel='torch' on CUDA")
-    if kernel not in ("torch", "cpu_adam"):
-        raise ValueError(f"kernel must be 'auto', 'torch' or 'cpu_adam', got {kernel!r}")
 
     def make_kernel(cpu_adam):
         return TorchAdam(opt.optimizer.adam_w_mode) if kernel == "torch" else CpuAdamStandIn(cpu_adam)
@@ -296,16 +238,15 @@ def enable_interleaved_offload(
         return calibrate(opt, backend, make_kernel, lp.dtype)
 
     handle = InterleavedOffload(
-        opt, backend, make_kernel(opt.optimizer), rates or recalibrate(), gpu_fraction, max_resident=max_resident,
-        log_every=log_every, say=_say_with(logger), drift_tolerance=drift_tolerance, patience=patience,
-        min_gain=min_gain, max_replans=max_replans, recalibrate=recalibrate,
+        opt, backend, make_kernel(opt.optimizer), rates or recalibrate(), settings, say=_say_with(logger),
+        recalibrate=recalibrate,
     )
     handle._original_class = type(opt)
     opt.__class__ = type(f"Interleaved{type(opt).__name__}", (InterleavedZero3Hooks, type(opt)), {})
     opt._interleaved = handle
     if _rank() == 0:
         handle._say(handle.plan.describe())
-        advice = granularity_advice(handle.sizes, opt.sub_group_size, max_resident=max_resident,
+        advice = granularity_advice(handle.sizes, opt.sub_group_size, max_resident=settings.max_resident,
                                     memory_budget=handle.replanner.memory_budget if backend.concurrent else None)
         if advice:
             handle._say(advice)
