@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from distvit.checkpoint import io as ckio
-from ops.harness import (NODE_IFACE, NODES, OPS, cluster2_env, file_text, iface_bytes, is_root, run, sbatch, slurm,
+from ops.harness import (CLUSTER2_UNSUPPORTED, NODE_IFACE, NODES, OPS, cluster2_env, file_text, iface_bytes, is_root, run, sbatch, slurm,
                          start_cluster2, stop_cluster2, train_args, wait_job)
 from trainer_helpers import ROOT, launch, load_weights, losses, read_metrics, run_env, summary
 
@@ -32,7 +32,14 @@ STEPS = 30
 EXTRA = ("checkpoint.every_steps=5", "checkpoint.keep=10")  # every run gets them: saving changes no numbers
 TWO_NODES = ["--nodes", "2", "--ntasks-per-node", "2"]
 
-pytestmark = [pytest.mark.slow, pytest.mark.multirank]
+
+def test_where_namespaces_are_not_allowed_the_cluster_script_says_why_in_one_line():
+    """What the tests skip with: exit status 3 and one line (here: an unprivileged user)."""
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           "bash", str(OPS / "start_cluster2.sh")], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == CLUSTER2_UNSUPPORTED, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "start_cluster2: needs root (network namespaces, and slurmd runs jobs as any user only as root)"]
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +96,8 @@ def single_host(digits_dir, tmp_path_factory, env):
     return root / "torchrun4"
 
 
+@pytest.mark.slow
+@pytest.mark.multirank
 def test_two_node_job_trains_like_a_four_rank_single_host_run(digits_dir, tmp_path, env, single_host):
     before = iface_bytes(NODES[1])
     job, run_dir = submit(digits_dir, tmp_path, env)
@@ -104,6 +113,8 @@ def test_two_node_job_trains_like_a_four_rank_single_host_run(digits_dir, tmp_pa
     assert_same_run(run_dir, single_host)
 
 
+@pytest.mark.slow
+@pytest.mark.multirank
 def test_usr1_requeue_across_nodes_finishes_like_the_single_host_run(digits_dir, tmp_path, env, single_host):
     job, run_dir = submit(digits_dir, tmp_path, env)
     wait_for_step(run_dir, 3, job, env)
@@ -148,6 +159,8 @@ def ranks_on(node: str) -> list[str]:
     return alive
 
 
+@pytest.mark.slow
+@pytest.mark.multirank
 def test_losing_a_node_requeues_and_resumes_from_the_last_complete_checkpoint(digits_dir, tmp_path, env, single_host):
     job, run_dir = submit(digits_dir, tmp_path, env)
     ckpts = run_dir / "checkpoints"
@@ -205,6 +218,8 @@ def clean_env(**extra) -> dict:
     return env
 
 
+@pytest.mark.slow
+@pytest.mark.multirank
 def test_mpirun_across_nodes_trains_like_the_single_host_run(digits_dir, tmp_path, env, single_host):
     mpi = clean_env()
     before = iface_bytes(NODES[1])
@@ -224,6 +239,8 @@ def ds_hostfile(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
+@pytest.mark.multirank
 def test_deepspeed_openmpi_launcher_with_a_hostfile_across_nodes(digits_dir, tmp_path, env, single_host):
     """`deepspeed --hostfile --launcher openmpi` from the first node: its mpirun reaches the second
     node through tests/ops/node_rsh.sh."""
@@ -239,6 +256,8 @@ def test_deepspeed_openmpi_launcher_with_a_hostfile_across_nodes(digits_dir, tmp
     assert_same_run(tmp_path / "ds_openmpi", single_host)
 
 
+@pytest.mark.slow
+@pytest.mark.multirank
 def test_deepspeed_no_ssh_launcher_one_per_node(digits_dir, tmp_path, env, single_host):
     """`deepspeed --hostfile --no_ssh --node_rank N` started on each node (what a scheduler without
     ssh does): the two launchers agree on dvtest-n1 and run 4 ranks."""
