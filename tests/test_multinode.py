@@ -7,6 +7,8 @@ on each), 2 tasks per node, 4 gloo ranks with rendezvous on dvtest-n1's address.
   finishes bitwise like the uninterrupted one;
 - losing a node (its link, slurmd and ranks gone) makes Slurm mark it DOWN and requeue the job; once
   the node is back, the job resumes from the newest complete checkpoint and finishes bitwise the same.
+- `mpirun --host` and DeepSpeed's multi-node launcher with a hostfile (openmpi, --no_ssh per node,
+  pdsh over ssh) across the two nodes train like the single-host run, bitwise.
 The cluster is torn down after the module, failed or not. Skipped, with a one-line reason, where the
 machine allows no network namespaces or Slurm cannot be installed.
 """
@@ -246,7 +248,10 @@ def test_deepspeed_openmpi_launcher_with_a_hostfile_across_nodes(digits_dir, tmp
     node through tests/ops/node_rsh.sh."""
     mpi_args = ["--allow-run-as-root", "--mca", "plm_rsh_agent", str(OPS / "node_rsh.sh"),
                 "--mca", "oob_tcp_if_include", NODE_IFACE, "--mca", "btl_tcp_if_include", NODE_IFACE,
-                "-x", f"GLOO_SOCKET_IFNAME={NODE_IFACE}"]
+                "-x", f"GLOO_SOCKET_IFNAME={NODE_IFACE}",
+                # DeepSpeed's openmpi launcher does not pass --master_addr/--master_port on to the ranks;
+                # without mpi4py distvit needs them given (it says so otherwise)
+                "-x", f"MASTER_ADDR={NODES[0]}", "-x", "MASTER_PORT=29501"]
     cmd = ["bash", str(OPS / "on_node.sh"), NODES[0], str(Path(sys.executable).parent / "deepspeed"),
            "--hostfile", str(ds_hostfile(tmp_path / "hostfile")), "--launcher", "openmpi", "--no_ssh_check",
            "--master_addr", NODES[0], "--master_port", "29501", "--launcher_args", shlex.join(mpi_args),
@@ -274,3 +279,23 @@ def test_deepspeed_no_ssh_launcher_one_per_node(digits_dir, tmp_path, env, singl
     assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-3000:] for o in outs)
     assert "on 4 rank(s) [torch]" in outs[0]
     assert_same_run(tmp_path / "ds_no_ssh", single_host)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_deepspeed_pdsh_launcher_over_ssh_across_nodes(digits_dir, tmp_path, env, single_host):
+    """DeepSpeed's default multi-node launcher: pdsh ssh-es into each node of the hostfile (an sshd per
+    namespace, tests/ops/start_sshd2.sh) and starts deepspeed.launcher.launch there."""
+    proc = subprocess.run(["bash", str(OPS / "start_sshd2.sh")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ds_env = tmp_path / "deepspeed_env"  # what pdsh's remote shells export (DS_ENV_FILE)
+    ds_env.write_text(f"DS_ACCELERATOR=cpu\nOMP_NUM_THREADS=1\nPYTHONUNBUFFERED=1\nGLOO_SOCKET_IFNAME={NODE_IFACE}\n")
+    cmd = ["bash", str(OPS / "on_node.sh"), NODES[0], str(Path(sys.executable).parent / "deepspeed"),
+           "--hostfile", str(ds_hostfile(tmp_path / "hostfile")), "--launcher", "pdsh", "--no_ssh_check",
+           "--master_addr", NODES[0], "--master_port", "29503",
+           str(ROOT / "launch" / "train.py"), *train_args(digits_dir, tmp_path, "ds_pdsh", STEPS, *EXTRA)]
+    out = run(cmd, env=clean_env(PDSH_SSH_ARGS_APPEND=f"-F {proc.stdout.strip()}", DS_ENV_FILE=ds_env),
+              timeout=900)
+    assert f"{NODES[0]}: " in out.stdout and f"{NODES[1]}: " in out.stdout  # pdsh's per-host prefix
+    assert "on 4 rank(s) [torch]" in out.stdout
+    assert_same_run(tmp_path / "ds_pdsh", single_host)
