@@ -14,6 +14,7 @@ machine allows no network namespaces or Slurm cannot be installed.
 """
 from __future__ import annotations
 
+import fcntl
 import shlex
 import shutil
 import subprocess
@@ -48,15 +49,18 @@ def test_where_namespaces_are_not_allowed_the_cluster_script_says_why_in_one_lin
 def env():
     if not is_root():
         pytest.skip("the two-node test cluster needs root (network namespaces, slurmd), and this user is not root")
-    try:
-        conf = start_cluster2()
-    except BaseException:
-        stop_cluster2()  # a half-made cluster
-        raise
-    try:
-        yield cluster2_env(conf)
-    finally:
-        stop_cluster2()
+    # One two-node cluster per machine (fixed namespace names): a second test session waits for it.
+    with open("/tmp/distvit-slurm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            conf = start_cluster2()
+        except BaseException:
+            stop_cluster2()  # a half-made cluster
+            raise
+        try:
+            yield cluster2_env(conf)
+        finally:
+            stop_cluster2()
 
 
 def job_args(digits_dir: Path, run_root: Path) -> list[str]:
