@@ -56,7 +56,7 @@ demo: $(VENV)/.installed data/digits/dataset.json
 	$(PY) -m distvit.run_link runs/$(RUN_NAME) $(DEMO_LINK)
 
 test: $(VENV)/.installed-dev
-	-bash tests/ops/install_ops_deps.sh  # Slurm + Open MPI for tests/test_slurm.py, test_mpi.py (they skip, saying why, if this fails)
+	-bash tests/ops/install_ops_deps.sh  # Slurm + Open MPI for tests/test_slurm.py, test_mpi.py, test_multinode.py (they skip, saying why, if this fails; test_multinode starts and removes its two-node namespace cluster itself)
 	DS_ACCELERATOR=cpu $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed-dev

@@ -71,10 +71,12 @@ def slurm_conf() -> str:
     return m.group(1)
 
 
-def slurm_env(**extra) -> dict:
-    """The environment a test submits jobs with: the test cluster, the venv's python, loopback only."""
-    env = run_env(SLURM_CONF=slurm_conf(), DISTVIT_PYTHON=sys.executable, DISTVIT_ROOT=str(ROOT),
-                  MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", **extra)
+def slurm_env(conf: str | None = None, **extra) -> dict:
+    """The environment a test submits jobs with: the test cluster (`conf`, default the one-host one),
+    the venv's python, loopback only."""
+    base = dict(SLURM_CONF=conf or slurm_conf(), DISTVIT_PYTHON=sys.executable, DISTVIT_ROOT=str(ROOT),
+                MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
+    env = run_env(**(base | extra))
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}:/usr/sbin"
     for name in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
         del env[name]  # a test run inside an allocation must not leak it into the jobs
@@ -82,7 +84,11 @@ def slurm_env(**extra) -> dict:
 
 
 def slurm(*args: str, env: dict | None = None, check: bool = True, timeout: int = 60) -> str:
-    proc = subprocess.run(list(args), env=env or slurm_env(), capture_output=True, text=True, timeout=timeout)
+    """A Slurm command; with DISTVIT_SUBMIT_NODE in `env`, run on that node of the two-node cluster."""
+    env = env or slurm_env()
+    if env.get("DISTVIT_SUBMIT_NODE"):
+        args = ("bash", str(OPS / "on_node.sh"), env["DISTVIT_SUBMIT_NODE"], *args)
+    proc = subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
     return proc.stdout
@@ -113,6 +119,51 @@ def wait_job(job: str, *, timeout: float, until=None, env: dict | None = None, p
         time.sleep(poll)
     slurm("scancel", job, env=env, check=False)
     raise AssertionError(f"job {job} still {info.get('JobState')} after {timeout} s: {info}")
+
+
+# ---------------------------------------------------------------- the two-node cluster (start_cluster2.sh)
+
+NODES = ("dvtest-n1", "dvtest-n2")
+NODE_IFACE = "dvnet0"  # each node's end of the veth pair between them
+CLUSTER2_UNSUPPORTED = 3  # start_cluster2.sh's exit status where the machine allows no namespaces
+
+
+def start_cluster2() -> str:
+    """Start (or reuse) the two-node cluster; returns its SLURM_CONF. Skips where namespaces are not allowed."""
+    require_ops_tools()
+    proc = subprocess.run(["bash", str(OPS / "start_cluster2.sh")], capture_output=True, text=True, timeout=120)
+    if proc.returncode == CLUSTER2_UNSUPPORTED:
+        pytest.skip(proc.stderr.strip().splitlines()[-1])
+    if proc.returncode != 0:
+        raise AssertionError(f"tests/ops/start_cluster2.sh failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    m = re.search(r"^export SLURM_CONF=(\S+)$", proc.stdout, re.M)
+    assert m, proc.stdout
+    return m.group(1)
+
+
+def stop_cluster2() -> None:
+    subprocess.run(["bash", str(OPS / "stop_cluster2.sh")], capture_output=True, text=True, timeout=120)
+
+
+def cluster2_env(conf: str, **extra) -> dict:
+    """Submitting to the two-node cluster from its first node; ranks talk over the nodes' veth pair."""
+    env = slurm_env(conf, DISTVIT_SUBMIT_NODE=NODES[0], GLOO_SOCKET_IFNAME=NODE_IFACE, **extra)
+    env.pop("MASTER_ADDR")  # train.sbatch takes the first node of the allocation
+    return env
+
+
+def on_node(node: str, *cmd: str, check: bool = True, timeout: int = 60) -> str:
+    proc = subprocess.run(["bash", str(OPS / "on_node.sh"), node, *cmd], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"on {node}: {' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def iface_bytes(node: str) -> int:
+    """Bytes received so far on the node's end of the veth pair."""
+    path = f"/sys/class/net/{NODE_IFACE}/statistics/rx_bytes"  # `ip netns exec` mounts the namespace's /sys
+    return int(subprocess.run(["ip", "netns", "exec", node, "cat", path], capture_output=True, text=True,
+                              check=True).stdout)
 
 
 # ---------------------------------------------------------------- Open MPI
