@@ -146,9 +146,14 @@ class Trainer:
             optimizer, total_steps=self.total_steps, warmup_steps=cfg.schedule.warmup_steps,
             kind=cfg.schedule.kind, peak_lr=cfg.optim.lr, min_lr=cfg.schedule.min_lr,
         )
+        mpu = _deepspeed_mpu(self.mesh)
+        if mpu is not None and cfg.parallel.zero_stage == 3:
+            # ZeRO-3 x sp: partition over dp x sp, sum gradients over sp (distvit/engine/zero3_sp.py).
+            from distvit.engine.zero3_sp import prepare_zero3_sp
+
+            prepare_zero3_sp(model, ds_config, mpu)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-            mpu=_deepspeed_mpu(self.mesh),
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu,
         )
         self.offload = None
         if cfg.parallel.offload == "interleaved":
