@@ -75,6 +75,12 @@ def disk_full(folder: Path, needed: int | None) -> DiskFullError:
 
 
 def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets while it reads: racy with threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -273,7 +279,8 @@ def resolve_resume(arg: str, root: Path, log=print) -> Path | None:
     if p.is_dir() and step_of(p.name) is not None:
         if not is_complete(p):
             raise FileNotFoundError(
-                f"--resume {arg}: checkpoint is incomplete (no {COMPLETE} marker: the save was interrupted); "
+                f"--resume {arg}: checkpoint is incomplete (no {COMPLETE} marker, or a file is not the size the save "
+                f"wrote: `distvit ckpt verify {arg}` names it); "
                 f"use --resume auto to take the newest complete one"
             )
         return p
