@@ -121,3 +121,18 @@ def test_zero3_with_sequence_parallel_trains_like_one_process(digits_dir, tmp_pa
         torch.testing.assert_close(got[k], ref.float(), rtol=1e-4, atol=2e-5, msg=lambda m: f"{k}: {m}")
     logged = [float(loss) for _, loss in losses(tmp_path / "z3sp")]
     torch.testing.assert_close(torch.tensor(logged), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sets,expected", [
+    (["parallel.zero_stage=0", "parallel.offload=cpu"], "parallel.offload=cpu needs ZeRO stage 1-3"),
+    (["parallel.zero_stage=2", "parallel.offload=interleaved"], "parallel.offload=interleaved extends ZeRO-3"),
+    (["parallel.zero_stage=0", "parallel.precision=bf16"], "parallel.precision=bf16 on the CPU needs parallel.zero_stage >= 1"),
+])
+def test_refused_combinations_are_one_line(sets, expected):
+    """The cells the matrix leaves out are refused before any rank starts training, in one line."""
+    from distvit.config import ConfigError, load_config
+    from distvit.engine.deepspeed_config import build_ds_config
+
+    with pytest.raises(ConfigError) as info:
+        build_ds_config(load_config("demo_digits", sets), torch.device("cpu"))
+    assert expected in str(info.value) and "\n" not in str(info.value).strip()
