@@ -54,13 +54,17 @@ def verify(tag_dir: Path) -> list[str]:
     if ckreshape.is_reshaped(meta):
         return problems + _check_files(tag_dir, _reshaped_files(tag_dir, meta))
     expected = [name for r in range(world) for name in ckio.rank_state_files(r)]
+    shards = meta["dp_size"] * meta.get("sp_size", 1)  # ZeRO partitions over dp x sp
     if stage == 3:
-        expected += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(meta["dp_size"])]
+        expected += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(shards)]
     else:
         expected.append("mp_rank_00_model_states.pt")
     if stage >= 1:
-        expected += [f"{'bf16_' if meta.get('precision') == 'bf16' and stage < 3 else ''}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-                     for r in range(meta["dp_size"])]
+        # bf16 optimizer states are named bf16_* (always under ZeRO-1/2; under ZeRO-3 with CPU offload)
+        for r in range(shards):
+            name = f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+            bf16 = meta.get("precision") == "bf16" and (stage < 3 or (tag_dir / f"bf16_{name}").is_file())
+            expected.append(f"bf16_{name}" if bf16 else name)
     return problems + _check_files(tag_dir, expected)
 
 

@@ -27,5 +27,11 @@ def prepare_zero3_sp(model: torch.nn.Module, ds_config: dict, mpu) -> None:
     for p in model.parameters():
         if p.requires_grad:
             p.register_hook(lambda g, sp=sp: g * sp)
+    # DeepSpeed casts a model it partitions itself to bf16/fp16 first (engine._configure_distributed_model
+    # skips that for a model partitioned already): cast it the same way.
+    dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled")
+             else torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
+    if dtype != torch.float32:
+        model.to(dtype)
     deepspeed.zero.Init(module=model, data_parallel_group=mpu.get_sequence_data_parallel_group(),
-                        config_dict_or_path=ds_config, mpu=mpu)
+                        config_dict_or_path=ds_config, mpu=mpu, dtype=dtype)
