@@ -78,19 +78,26 @@ def test_truncated_shard_is_named_by_verify_consolidate_and_reshape(ckpts, tmp_p
     bad = ckpts / "step_00000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
-    code, out, _ = ckpt(capsys, "verify", ckpts)
+    tag = ckpts / "step_00000006"
+    code, out, _ = ckpt(capsys, "verify", tag)
     assert code == 1
     assert f"bad: {bad}: unreadable (" in out and "1 problem(s)" in out
-    code, _, err = ckpt(capsys, "consolidate", ckpts, "--out", tmp_path / "w.safetensors")
+    # COMPLETE's manifest holds every file's size: the truncated checkpoint no longer counts as complete
+    code, out, _ = ckpt(capsys, "inspect", tag)
+    assert code == 0 and "complete: False" in out and f"problem: {bad}: {len(data) // 2} bytes, the save wrote {len(data)}" in out
+    assert not ckio.is_complete(tag)
+    code, out, err = ckpt(capsys, "verify", ckpts)  # the folder: its newest *complete* checkpoint, saying so
+    assert code == 0 and "step_00000004: ok" in out and f"checkpoint '{tag}' named by" in err
+    code, _, err = ckpt(capsys, "consolidate", tag, "--out", tmp_path / "w.safetensors")
     assert code == 2 and f"is not a complete checkpoint: {bad}: unreadable" in err
     assert not (tmp_path / "w.safetensors").exists()
-    code, _, err = ckpt(capsys, "reshape", ckpts, "--out", tmp_path / "new" / "checkpoints")
+    code, _, err = ckpt(capsys, "reshape", tag, "--out", tmp_path / "new" / "checkpoints")
     assert code == 2 and f"{bad}: unreadable" in err
     assert not (tmp_path / "new" / "checkpoints" / "step_00000006").exists()
 
 
 def test_missing_rank_file_is_named(ckpts, capsys):
-    gone = ckpts / "step_00000004" / "distvit_rank00001.pt"
+    gone = ckpts / "step_00000004" / "distvit_rank00001.json"
     gone.unlink()
     code, out, _ = ckpt(capsys, "verify", ckpts / "step_00000004")
     assert code == 1 and f"bad: {gone}: missing" in out
@@ -246,7 +253,7 @@ def test_reshape_2_to_1_to_2_carries_weights_and_adam_state(run, digits_dir, tmp
     two = launch(args + ["--resume", str(u1)])
     assert "reshaped from 1 to 2 rank(s)" in two.stdout
     cfg = load_config("demo_digits", args[3::2])
-    epoch = torch.load(src_tag / "distvit_rank00000.pt", weights_only=False)["epoch"]
+    epoch = json.loads((src_tag / "distvit_rank00000.json").read_text())["epoch"]
     ref_state, ref_losses = adamw_reference(cfg, src_weights, u1, 4, epoch, dp_size=2, n_steps=STEPS - 4)
     logged = losses(tmp_path / "two")
     assert [step for step, _ in logged] == [5, 6]

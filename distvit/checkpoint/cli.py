@@ -7,6 +7,8 @@
     distvit ckpt reshape runs/demo/checkpoints --out runs/demo_8ranks/checkpoints   # resume on another world size
 
 DIR may be a checkpoints folder (its newest complete checkpoint is used) or one step_* folder.
+No verb runs code from a checkpoint: torch files are read with weights_only=True, and one that
+holds anything but data is refused, naming the file (checkpoint/safe_load.py).
 """
 from __future__ import annotations
 
@@ -15,10 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from distvit.checkpoint import io as ckio
 from distvit.checkpoint import reshape as ckreshape
+from distvit.checkpoint import safe_load
+from distvit.checkpoint import state as ckstate
 
 
 class CheckpointError(RuntimeError):
@@ -51,35 +53,65 @@ def verify(tag_dir: Path) -> list[str]:
     world, stage = meta["world_size"], meta["zero_stage"]
     if ckreshape.is_reshaped(meta):
         return problems + _check_files(tag_dir, _reshaped_files(tag_dir, meta))
-    expected = [ckio.rank_state_file(r) for r in range(world)]
+    expected = [name for r in range(world) for name in ckio.rank_state_files(r)]
+    shards = meta["dp_size"] * meta.get("sp_size", 1)  # ZeRO partitions over dp x sp
     if stage == 3:
-        expected += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(meta["dp_size"])]
+        expected += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(shards)]
     else:
         expected.append("mp_rank_00_model_states.pt")
     if stage >= 1:
-        expected += [f"{'bf16_' if meta.get('precision') == 'bf16' and stage < 3 else ''}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-                     for r in range(meta["dp_size"])]
+        # bf16 optimizer states are named bf16_* (always under ZeRO-1/2; under ZeRO-3 with CPU offload)
+        for r in range(shards):
+            name = f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+            bf16 = meta.get("precision") == "bf16" and (stage < 3 or (tag_dir / f"bf16_{name}").is_file())
+            expected.append(f"bf16_{name}" if bf16 else name)
     return problems + _check_files(tag_dir, expected)
 
 
 def _check_files(tag_dir: Path, names: list[str]) -> list[str]:
+    """Each expected file present and readable as data, then every other torch file in the
+    folder read safely too, then the manifest in COMPLETE (sizes and sha256)."""
     problems = []
     for name in names:
         f = tag_dir / name
         if not f.is_file():
             problems.append(f"{f}: missing")
             continue
-        try:
-            torch.load(f, map_location="cpu", weights_only=False, mmap=True)
-        except Exception as exc:  # noqa: BLE001 - any failure to read is what we report
-            problems.append(f"{f}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
-    return problems
+        problem = _check_file(f)
+        if problem:
+            problems.append(problem)
+    for f in safe_load.torch_files(tag_dir):
+        if str(f.relative_to(tag_dir)) not in names:
+            problem = _check_file(f)
+            if problem:
+                problems.append(problem)
+    reported = {line.split(": ")[0] for line in problems}
+    return problems + [line for line in ckio.manifest_problems(tag_dir, hashes=True)
+                       if line.split(": ")[0] not in reported]
+
+
+def _check_file(f: Path) -> str | None:
+    try:
+        if f.suffix == ".json":
+            json.loads(f.read_text())
+        elif f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(f), "pt") as handle:
+                list(handle.keys())
+        else:
+            safe_load.load(f, mmap=True)
+    except safe_load.CheckpointFileError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is what we report
+        return f"{f}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    return None
 
 
 def _reshaped_files(tag_dir: Path, meta: dict) -> list[str]:
     """A reshaped checkpoint: the shared state, the source's model-states file(s), and (universal)
     every parameter's whole fp32 weights and Adam moments under zero/."""
-    names = [ckreshape.COMMON_STATE]
+    names = ckstate.files_of(ckstate.COMMON)
     if meta["zero_stage"] == 3:
         names += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(meta["reshaped_from"]["dp_size"])]
     else:
@@ -96,14 +128,27 @@ def inspect(tag_dir: Path) -> dict:
     meta = ckio.read_meta(tag_dir)
     sizes = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
     reshaped = ckreshape.is_reshaped(meta)
+    # Complete: the marker, every file at the size the save wrote, every torch file readable as data.
+    # A file holding code raises UnsafeCheckpointError here (the verb fails, naming it).
+    problems = ckio.manifest_problems(tag_dir)
+    try:
+        safe_load.precheck(tag_dir)
+    except safe_load.UnsafeCheckpointError:
+        raise
+    except safe_load.CheckpointFileError as exc:
+        problems.append(str(exc))
     # A reshaped checkpoint has no per-rank state: the data cursor belonged to the old layout.
-    state_file = ckreshape.COMMON_STATE if reshaped else ckio.rank_state_file(0)
-    rank0 = torch.load(tag_dir / state_file, map_location="cpu", weights_only=False)
+    try:
+        rank0 = ckstate.load_common(tag_dir) if reshaped else ckstate.load_rank(tag_dir, 0)
+    except ckstate.StateError as exc:
+        rank0 = {}
+        problems.append(str(exc))
     return {
         "path": str(tag_dir), "step": meta["step"], "epoch": meta["epoch"],
         "world_size": "any (reshaped)" if reshaped else meta["world_size"],
         "dp_size": meta["dp_size"], "sp_size": meta["sp_size"], "zero_stage": meta["zero_stage"],
-        "precision": meta.get("precision"), "model": meta["model"], "complete": ckio.is_complete(tag_dir),
+        "precision": meta.get("precision"), "model": meta["model"],
+        "complete": ckio.is_complete(tag_dir) and not problems, "problems": problems,
         "data_cursor_rank0": rank0.get("data"), "reshaped_from": meta.get("reshaped_from"),
         "total_bytes": sum(sizes.values()), "files": sizes, "config": meta["config"],
     }
@@ -155,11 +200,14 @@ def main(argv: list[str] | None = None) -> int:
                             "precision", "complete", "data_cursor_rank0", "reshaped_from"):
                     if key != "reshaped_from" or info[key]:
                         print(f"{key:>18}: {info[key]}")
+                for line in info["problems"]:
+                    print(f"{'problem':>18}: {line}")
                 print(f"{'size':>18}: {info['total_bytes'] / 2**20:.1f} MiB in {len(info['files'])} files")
             return 0
         if args.cmd == "consolidate":
-            from distvit.checkpoint.consolidate import consolidate
+            from distvit.checkpoint.consolidate import check_out, consolidate
 
+            check_out(Path(args.out), overwrite=args.overwrite)
             problems = verify(tag_dir)
             if problems:
                 raise CheckpointError(f"{tag_dir} is not a complete checkpoint: {problems[0]}")
@@ -177,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"optimizer state and lr schedule (the data order restarts the epoch):\n"
                   f"  launch/train.py ... --set run.output_dir={run_dir.parent} --set run.name={run_dir.name} --resume auto")
             return 0
-    except (CheckpointError, ckreshape.ReshapeError, FileExistsError, FileNotFoundError) as exc:
+    except (CheckpointError, ckreshape.ReshapeError, FileExistsError, FileNotFoundError, ValueError,
+            safe_load.CheckpointFileError, ckstate.StateError, ckio.DiskFullError) as exc:
         print(f"distvit ckpt: error: {exc}", file=sys.stderr)
         return 2
     return 2

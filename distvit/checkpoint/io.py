@@ -5,17 +5,24 @@ Layout of a run's checkpoints (DeepSpeed writes the model/optimizer shards insid
     runs/<name>/checkpoints/
         latest                      text: the tag of the newest *complete* checkpoint
         step_00000100/              DeepSpeed's files (mp_rank_*, zero_pp_rank_*_optim_states.pt)
-            distvit_rank00000.pt    per-rank state: RNG (python, numpy, torch, device), data cursor
+            distvit_rank00000.json  per-rank state (checkpoint/state.py): step, data cursor, RNG scalars
+            distvit_rank00000.safetensors   per-rank tensors: torch/numpy RNG, EMA weights
             distvit.json            step, epoch, world size, ZeRO stage, resolved config
-            COMPLETE                written last, after every rank finished its files
+            COMPLETE                written last: JSON manifest, every file's size and sha256
 
 A checkpoint is complete only when COMPLETE exists; `latest` moves only after that, so a kill
 during a save leaves `latest` on the previous complete checkpoint. DeepSpeed's own `latest`
 file is not used (we save with save_latest=False) because it is written before our per-rank
 state and would point at a checkpoint that may never finish.
+COMPLETE lists every file's size (checked whenever completeness is asked) and sha256 (checked by
+`distvit ckpt verify`), so a file truncated or damaged after the save is not taken as complete.
+Files are created with the user's umask (mkstemp's 0600 is widened), and a full disk is one line
+naming the folder and the bytes needed; `latest` stays on the last complete checkpoint.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -37,7 +44,59 @@ def tag_for_step(step: int) -> str:
 
 
 def rank_state_file(rank: int) -> str:
-    return f"distvit_rank{rank:05d}.pt"
+    """The JSON half of a rank's state (the tensors are beside it, see checkpoint/state.py)."""
+    return f"distvit_rank{rank:05d}.json"
+
+
+def rank_state_files(rank: int) -> list[str]:
+    return [f"distvit_rank{rank:05d}.json", f"distvit_rank{rank:05d}.safetensors"]
+
+
+class DiskFullError(OSError):
+    """No space left while writing a checkpoint: the message names the folder and the bytes needed."""
+
+
+def disk_full(folder: Path, needed: int | None) -> DiskFullError:
+    folder = Path(folder)
+    try:
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    except OSError:
+        free = None
+    need = f"{needed} bytes" if needed is not None else "more space"
+    root = folder.parent if step_of(folder.name) is not None else folder
+    latest = read_latest(root) if root.is_dir() else None
+    return DiskFullError(
+        errno.ENOSPC,
+        f"disk full writing a checkpoint in {folder}: it needs {need}"
+        + (f", {free} bytes are free" if free is not None else "")
+        + f"; free space there or lower checkpoint.keep (the last complete checkpoint, "
+        f"{latest or 'none yet'}, stays `latest`)",
+    )
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets while it reads: racy with threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(tmp: str) -> None:
+    """mkstemp creates 0600; a checkpoint gets the permissions any file the user creates gets."""
+    os.chmod(tmp, 0o666 & ~_umask())
+
+
+def make_temp(path: Path) -> str:
+    """A temp file beside `path` (same filesystem, so os.replace is atomic), with the user's umask."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    apply_umask(tmp)
+    return tmp
 
 
 def _fsync_dir(path: Path) -> None:
@@ -57,15 +116,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file beside `path`, fsync, rename over it: readers see old or new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = make_temp(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not isinstance(exc, DiskFullError):
+            raise disk_full(path.parent, len(data)) from None
         raise
     _fsync_dir(path.parent)
 
@@ -77,15 +138,16 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_torch_save(obj: Any, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = make_temp(path)
     try:
         torch.save(obj, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not isinstance(exc, DiskFullError):
+            raise disk_full(path.parent, None) from None
         raise
     _fsync_dir(path.parent)
 
@@ -95,8 +157,62 @@ def step_of(tag: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_manifest(tag_dir: Path) -> dict:
+    """{relative path: [size, sha256]} of every file in the checkpoint (temp files and COMPLETE aside)."""
+    tag_dir = Path(tag_dir)
+    files = {}
+    for p in sorted(tag_dir.rglob("*")):
+        if p.is_file() and p.name != COMPLETE and not p.name.endswith(".tmp"):
+            files[str(p.relative_to(tag_dir))] = [p.stat().st_size, sha256(p)]
+    return files
+
+
+def read_manifest(tag_dir: Path) -> dict | None:
+    """COMPLETE's file list, or None for a checkpoint written before manifests (an empty COMPLETE)."""
+    try:
+        text = (Path(tag_dir) / COMPLETE).read_text().strip()
+    except OSError:
+        return None
+    if not text:
+        return None
+    try:
+        return json.loads(text)["files"]
+    except (ValueError, KeyError, TypeError):
+        return {}  # a damaged marker: nothing matches it
+
+
+def manifest_problems(tag_dir: Path, *, hashes: bool = False) -> list[str]:
+    """Files that differ from the manifest: missing, another size, (hashes=True) other bytes."""
+    tag_dir = Path(tag_dir)
+    files = read_manifest(tag_dir)
+    if files is None:
+        return []
+    if not files:
+        return [f"{tag_dir / COMPLETE}: damaged (not the JSON manifest distvit writes)"]
+    problems = []
+    for name, (size, digest) in files.items():
+        f = tag_dir / name
+        if not f.is_file():
+            problems.append(f"{f}: missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{f}: {f.stat().st_size} bytes, the save wrote {size} (truncated or replaced)")
+        elif hashes and sha256(f) != digest:
+            problems.append(f"{f}: contents differ from what the save wrote (sha256 mismatch)")
+    return problems
+
+
 def is_complete(tag_dir: Path) -> bool:
-    return (tag_dir / COMPLETE).is_file() and (tag_dir / META).is_file()
+    """COMPLETE and distvit.json present, and every file the manifest lists has its saved size."""
+    tag_dir = Path(tag_dir)
+    return (tag_dir / COMPLETE).is_file() and (tag_dir / META).is_file() and not manifest_problems(tag_dir)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -121,7 +237,7 @@ def mark_complete(tag_dir: Path, meta: dict) -> None:
     """Rank 0, after every rank's files are on disk: write the metadata, then COMPLETE, then latest."""
     tag_dir = Path(tag_dir)
     atomic_write_text(tag_dir / META, json.dumps(meta, indent=2, sort_keys=True))
-    atomic_write_text(tag_dir / COMPLETE, "")
+    atomic_write_text(tag_dir / COMPLETE, json.dumps({"files": build_manifest(tag_dir)}, indent=1))
     atomic_write_text(tag_dir.parent / LATEST, tag_dir.name)
 
 
@@ -131,20 +247,25 @@ def read_meta(tag_dir: Path) -> dict:
 
 def find_resume(root: Path, log=print) -> Path | None:
     """The checkpoint `--resume auto` takes: `latest` if complete, else the newest complete one."""
+    found = resume_candidates(root, log)
+    return found[0] if found else None
+
+
+def resume_candidates(root: Path, log=print) -> list[Path]:
+    """What `--resume auto` tries, in order: `latest` if complete, then every other complete
+    checkpoint, newest first (the trainer moves on to the next when one fails to load)."""
     root = Path(root)
     latest = read_latest(root)
+    complete = complete_checkpoints(root)[::-1]
     if latest is not None:
         candidate = root / latest
-        if is_complete(candidate):
-            return candidate
+        if candidate in complete:
+            return [candidate] + [p for p in complete if p != candidate]
         log(f"checkpoint '{candidate}' named by {root / LATEST} is incomplete or missing; "
             "falling back to the newest complete checkpoint")
-    complete = complete_checkpoints(root)
-    if complete:
-        if latest is not None:
-            log(f"resuming from '{complete[-1]}' instead")
-        return complete[-1]
-    return None
+        if complete:
+            log(f"resuming from '{complete[0]}' instead")
+    return complete
 
 
 def resolve_resume(arg: str, root: Path, log=print) -> Path | None:
@@ -158,7 +279,8 @@ def resolve_resume(arg: str, root: Path, log=print) -> Path | None:
     if p.is_dir() and step_of(p.name) is not None:
         if not is_complete(p):
             raise FileNotFoundError(
-                f"--resume {arg}: checkpoint is incomplete (no {COMPLETE} marker: the save was interrupted); "
+                f"--resume {arg}: checkpoint is incomplete (no {COMPLETE} marker, or a file is not the size the save "
+                f"wrote: `distvit ckpt verify {arg}` names it); "
                 f"use --resume auto to take the newest complete one"
             )
         return p

@@ -10,7 +10,7 @@ A ZeRO-0 checkpoint holds whole tensors already; it is copied.
 
 What cannot carry over is tied to the old data-parallel layout: the data loader's mid-epoch
 cursor and the per-rank RNG streams. The reshaped checkpoint keeps the step, epoch, best metrics
-and EMA (in distvit_common.pt); a run resumed from it restarts the saved epoch from its first
+and EMA (in distvit_common.{json,safetensors}, checkpoint/state.py); a run resumed from it restarts the saved epoch from its first
 batch and reseeds from run.seed and the step (Trainer._load says so when it happens).
 
 The output is a normal step_* folder (COMPLETE, distvit.json with "reshaped_from"), written under
@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 
 from distvit.checkpoint import io as ckio
+from distvit.checkpoint import safe_load
+from distvit.checkpoint import state as ckstate
 
-COMMON_STATE = "distvit_common.pt"
+COMMON_STATE = f"{ckstate.COMMON}.json"
 UNIVERSAL_DIR = "zero"
 UNIVERSAL_STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -51,7 +53,7 @@ def is_universal(tag_dir: Path) -> bool:
 
 def _common_state(src_tag: Path) -> dict:
     """What every rank of any world size resumes with: rank 0's step/epoch/best/EMA, no cursor, no RNG."""
-    rank0 = torch.load(src_tag / ckio.rank_state_file(0), map_location="cpu", weights_only=False)
+    rank0 = ckstate.load_rank(src_tag, 0)
     return {key: rank0.get(key) for key in ("step", "epoch", "best", "ema")}
 
 
@@ -88,6 +90,7 @@ def reshape(src_tag: Path, out_root: Path, *, workers: int = 1) -> Path:
                            f"of the run that will resume (e.g. runs/<new name>/checkpoints)")
     if out_tag.exists():
         raise ReshapeError(f"{out_tag} already exists; remove it or choose another --out (nothing was overwritten)")
+    safe_load.precheck(src_tag)  # ds_to_universal unpickles with weights_only=False
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = out_root / f".{src_tag.name}.reshape-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -99,14 +102,14 @@ def reshape(src_tag: Path, out_root: Path, *, workers: int = 1) -> Path:
             shutil.copy2(src_tag / "mp_rank_00_model_states.pt", tmp / "mp_rank_00_model_states.pt")
         else:
             _to_universal(src_tag, tmp, workers)
-        ckio.atomic_torch_save(_common_state(src_tag), tmp / COMMON_STATE)
+        ckstate.save_common(tmp, **_common_state(src_tag))
         new_meta = {
             **meta, "universal": stage > 0,
             "reshaped_from": {"path": str(src_tag.resolve()), "world_size": meta["world_size"],
                               "dp_size": meta["dp_size"], "sp_size": meta["sp_size"]},
         }
         ckio.atomic_write_text(tmp / ckio.META, _json(new_meta))
-        ckio.atomic_write_text(tmp / ckio.COMPLETE, "")
+        ckio.atomic_write_text(tmp / ckio.COMPLETE, _json({"files": ckio.build_manifest(tmp)}))
         os.replace(tmp, out_tag)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -128,7 +131,7 @@ def _model_states(tag_dir: Path) -> dict:
     files = sorted(Path(tag_dir).glob("*model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{tag_dir}: no *model_states.pt file; is this a DeepSpeed checkpoint folder?")
-    return torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+    return safe_load.load(files[0], mmap=True)
 
 
 def _param_names(model_states: dict) -> list[str]:
@@ -154,7 +157,7 @@ def universal_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
         f = tag_dir / UNIVERSAL_DIR / name / "fp32.pt"
         if not f.is_file():
             raise FileNotFoundError(f"{f}: missing from the universal checkpoint {tag_dir}")
-        out[name] = torch.load(f, map_location="cpu", weights_only=False)["param"].float()
+        out[name] = safe_load.load(f)["param"].float()
     for alias, target in (states.get("shared_params") or {}).items():  # tied weights
         out[alias] = out[target]
     return out

@@ -10,6 +10,7 @@ steps; a micro-batch loop feeds DeepSpeed's gradient accumulation.
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import math
@@ -30,7 +31,9 @@ from distvit import dist as ddist
 from distvit import errors, launch_check, models, watchdog
 from distvit import offload
 from distvit.checkpoint import io as ckio
-from distvit.checkpoint.reshape import COMMON_STATE, is_reshaped, is_universal
+from distvit.checkpoint import resume as ckresume
+from distvit.checkpoint import state as ckstate
+from distvit.checkpoint.reshape import is_universal
 from distvit.config import Config, ConfigError, save_config
 from distvit.data import build_train_loader, build_val_loader, read_manifest
 from distvit.data.mixup import build_mixer
@@ -54,19 +57,13 @@ def log0(*args) -> None:
         print(*args, flush=True)
 
 
-def rng_state(device: torch.device) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def rng_state(device: torch.device) -> tuple[dict, dict]:
+    """(JSON scalars, tensors): stored without pickle (distvit/checkpoint/state.py)."""
+    return ckstate.rng_state(device)
 
 
-def set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+def set_rng_state(state: tuple[dict, dict], device: torch.device) -> None:
+    ckstate.set_rng_state(*state, device)
 
 
 def seed_all(seed: int) -> None:
@@ -176,9 +173,14 @@ class Trainer:
             kind=cfg.schedule.kind, peak_lr=cfg.optim.lr, min_lr=cfg.schedule.min_lr,
             decay_fraction=cfg.schedule.decay_fraction,
         )
+        mpu = _deepspeed_mpu(self.mesh)
+        if mpu is not None and cfg.parallel.zero_stage == 3:
+            # ZeRO-3 x sp: partition over dp x sp, sum gradients over sp (distvit/engine/zero3_sp.py).
+            from distvit.engine.zero3_sp import prepare_zero3_sp
+
+            prepare_zero3_sp(model, ds_config, mpu)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-            mpu=_deepspeed_mpu(self.mesh),
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu,
         )
         self._clip = tune_engine(self.engine, world_size=self.mesh.world_size, zero_stage=cfg.parallel.zero_stage,
                                  max_norm=cfg.optim.grad_clip, clipping_taken=own_clipping)
@@ -213,8 +215,14 @@ class Trainer:
     # ------------------------------------------------------------------ set-up helpers
 
     def _resolve_resume(self, resume: str | None) -> Path | None:
+        self._saved_tags: set[Path] = set()
+        self._resume_candidates: list[Path] = []
         if resume:
-            found = ckio.resolve_resume(resume, self.ckpt_root, log=log0)
+            if resume == "auto":  # the newest first; _load moves on when one fails to load
+                self._resume_candidates = ckio.resume_candidates(self.ckpt_root, log=log0)
+                found = self._resume_candidates[0] if self._resume_candidates else None
+            else:
+                found = ckio.resolve_resume(resume, self.ckpt_root, log=log0)
             if found is None:
                 log0(f"--resume {resume}: no complete checkpoint in {self.ckpt_root} yet; starting from scratch")
             return found
@@ -266,16 +274,21 @@ class Trainer:
     def save(self) -> Path:
         tag = ckio.tag_for_step(self.step)
         tag_dir = self.ckpt_root / tag
-        if ckio.is_complete(tag_dir):
+        if (tag_dir in self._saved_tags or tag_dir == self.resume_from) and ckio.is_complete(tag_dir):
             return tag_dir
-        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, save_latest=False,
-                                    client_state={"distvit_step": self.step, "distvit_epoch": self.epoch})
-        ckio.atomic_torch_save(
-            {"rng": rng_state(self.device), "data": self.train_loader.state_dict(), "epoch": self.epoch,
-             "step": self.step, "best": self.best,
-             "ema": None if self.ema is None else self.ema.state_dict()},
-            tag_dir / ckio.rank_state_file(self.rank),
-        )
+        ckresume.clear_stale(self, tag_dir, log0)
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, save_latest=False,
+                                        client_state={"distvit_step": self.step, "distvit_epoch": self.epoch})
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:  # the previous checkpoint's size is what this one needs
+                prev = ckio.complete_checkpoints(self.ckpt_root)
+                need = sum(f.stat().st_size for f in prev[-1].rglob("*") if f.is_file()) if prev else None
+                raise ckio.disk_full(tag_dir, need) from None
+            raise
+        ckstate.save_rank(tag_dir, self.rank, step=self.step, epoch=self.epoch, best=self.best,
+                          data=self.train_loader.state_dict(), device=self.device, ema=self.ema)
+        self._saved_tags.add(tag_dir)
         _test_fault("crash_in_save", self.step)
         ddist.barrier()
         if self.is_main:
@@ -290,37 +303,9 @@ class Trainer:
         return tag_dir
 
     def _load(self, tag_dir: Path) -> None:
-        meta = ckio.read_meta(tag_dir)
-        reshaped = is_reshaped(meta)
-        if not reshaped and (meta.get("world_size") != self.mesh.world_size or meta.get("sp_size") != self.mesh.sp_size):
-            raise ConfigError(
-                f"checkpoint {tag_dir} was saved by {meta.get('world_size')} ranks (sp={meta.get('sp_size')}), "
-                f"this run has {self.mesh.world_size} (sp={self.mesh.sp_size}); resume on the same world size, or "
-                f"reshape it for any world size (`distvit ckpt reshape {tag_dir} --out <new run>/checkpoints`, then "
-                f"--resume auto in that run), or consolidate it (`distvit ckpt consolidate`) and start from the "
-                f"weights alone with --set model.checkpoint=FILE"
-            )
-        load_path, _ = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
-        if load_path is None:
-            raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
-        if reshaped:
-            # The data cursor and RNG streams belonged to the old layout (see checkpoint/reshape.py).
-            state = torch.load(tag_dir / COMMON_STATE, map_location="cpu", weights_only=False)
-            self.step, self.epoch, self.best = state["step"], state["epoch"], state["best"]
-            if self.ema is not None and state.get("ema") is not None:
-                self.ema.load_state_dict(state["ema"])
-            seed_all(self.cfg.run.seed + 1_000_003 * self.step + self.rank)
-            log0(f"resuming a checkpoint reshaped from {meta['reshaped_from']['world_size']} to "
-                 f"{self.mesh.world_size} rank(s): weights, optimizer and schedule carried over; epoch {self.epoch} "
-                 f"restarts from its first batch and the RNG is reseeded")
-            return
-        state = torch.load(tag_dir / ckio.rank_state_file(self.rank), map_location="cpu", weights_only=False)
-        self.step, self.epoch, self.best = state["step"], state["epoch"], state["best"]
-        self.train_loader.load_state_dict(state["data"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-        set_rng_state(state["rng"], self.device)
+        """Load tag_dir; under --resume auto, fall back to older complete checkpoints (checkpoint/resume.py)."""
+        candidates = self._resume_candidates if self._resume_candidates[:1] == [tag_dir] else [tag_dir]
+        self.resume_from = ckresume.load_first_good(self, candidates, log0)
 
     # ------------------------------------------------------------------ loop
 
