@@ -436,7 +436,10 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        if self.step >= self.total_steps:  # resumed at or past the end: one line, nothing rewritten
+        # Resumed this run at or past its end: one line, nothing rewritten. A checkpoint from elsewhere
+        # (e.g. `distvit ckpt reshape` output) is still saved into this run and exported, as a conversion.
+        own = self.resume_from is not None and Path(self.resume_from).resolve().parent == self.ckpt_root.resolve()
+        if own and self.step >= self.total_steps:
             limit = f"run.max_steps={cfg.run.max_steps}" if cfg.run.max_steps else f"run.epochs={cfg.run.epochs}"
             log0(f"nothing to train: {self.resume_from} is at step {self.step} and {limit} ends the run at step "
                  f"{self.total_steps}; its results are in {self.run_dir}; raise {limit.split('=')[0]} to train further")
