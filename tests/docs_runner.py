@@ -11,8 +11,8 @@ A skipped block shows in the pytest report with its reason. Everything else is e
   this checkout first on PYTHONPATH;
 - python blocks with sybil's PythonEvaluator in one namespace per document, in the same sandbox.
 Blocks of one document share the sandbox and run top to bottom (later commands use what earlier
-ones made, e.g. `make demo`'s run); all documents share one sandbox, README.md first, so the other
-documents use its `make demo` run and data/digits. `DEMO_EPOCHS` (the Makefile knob) keeps `make demo` short.
+ones made, e.g. `make demo`'s run); all documents share one sandbox, in the order of DOCS
+(tests/test_docs.py), so later documents use what earlier ones made (data/digits, `make demo`'s run). `DEMO_EPOCHS` (the Makefile knob) keeps `make demo` short.
 
 Markdown's indented code blocks are invisible to the collector, so `indented_code_blocks` finds them: a
 command must sit in a fenced ```bash / ```python block (or ```text for what is not a command).
