@@ -11,12 +11,18 @@ A skipped block shows in the pytest report with its reason. Everything else is e
   this checkout first on PYTHONPATH;
 - python blocks with sybil's PythonEvaluator in one namespace per document, in the same sandbox.
 Blocks of one document share the sandbox and run top to bottom (later commands use what earlier
-ones made, e.g. `make demo`'s run). `DEMO_EPOCHS` (the Makefile knob) is set to keep `make demo` short.
+ones made, e.g. `make demo`'s run); all documents share one sandbox, in the order of DOCS
+(tests/test_docs.py), so later documents use what earlier ones made (data/digits, `make demo`'s run). `DEMO_EPOCHS` (the Makefile knob) keeps `make demo` short.
+
+Markdown's indented code blocks are invisible to the collector, so `indented_code_blocks` finds them: a
+command must sit in a fenced ```bash / ```python block (or ```text for what is not a command).
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -45,11 +51,19 @@ def make_sandbox(base: Path) -> Path:
     return proj
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def sandbox_env() -> dict[str, str]:
     env = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DEMO_EPOCHS="2",
+    # PET_MASTER_PORT: torchrun's --master-port default (29500) would collide with other jobs on the machine
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DEMO_EPOCHS="1",
+               PET_MASTER_PORT=str(_free_port()),
                PATH=f"{VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}",
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p))
     return env
@@ -84,3 +98,25 @@ def parse(doc: str):
     """The examples of one document (relative to the repo root), in order."""
     sybil = Sybil(parsers=[CodeBlockParser("bash", run_bash), CodeBlockParser("python", SandboxPython()), SkipParser()])
     return list(sybil.parse(ROOT / doc))
+
+
+_LIST_ITEM = re.compile(r"^\s*([-*+]|\d+[.)])\s")
+
+
+def indented_code_blocks(doc: str) -> list[int]:
+    """Line numbers (1-based) where an indented (unfenced) code block starts in one document."""
+    found, fence, prev_blank, in_list = [], None, True, False
+    for n, line in enumerate((ROOT / doc).read_text().splitlines(), 1):
+        m = re.match(r"^\s*(```+|~~~+)", line)
+        if m:
+            fence = None if fence and m.group(1).startswith(fence) else (fence or m.group(1))
+            prev_blank = False
+            continue
+        if fence:
+            continue
+        if line.strip() and not line.startswith((" ", "\t")):
+            in_list = bool(_LIST_ITEM.match(line))
+        if prev_blank and not in_list and re.match(r"^( {4}|\t)\S", line) and not line.lstrip().startswith("<!--"):
+            found.append(n)
+        prev_blank = not line.strip()
+    return found
