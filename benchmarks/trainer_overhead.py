@@ -63,7 +63,8 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="distvit-bench-"))
     write_digits(tmp / "digits")  # the Trainer needs shards to build its loaders; batches are fed directly
     cfg = load_config("demo_digits", [
-        f"model.name={args.model}", f"model.img_size={args.img_size}", "model.in_chans=3", "model.num_classes=1000",
+        f"model.name={args.model}", f"model.img_size={args.img_size}", f"data.img_size={args.img_size}", "model.in_chans=3", "data.in_chans=3",
+        "model.num_classes=1000",
         f"data.train={tmp}/digits/train-*.tar", "data.val=null", f"data.batch_size={args.batch}",
         f"run.output_dir={tmp}/runs", "run.max_steps=1000000", f"run.device={args.device}",
         f"parallel.zero_stage={args.zero_stage}", f"parallel.precision={args.precision}",

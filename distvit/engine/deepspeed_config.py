@@ -52,15 +52,20 @@ def offload_fragment(cfg: Config) -> dict[str, Any]:
     return Settings.from_config(cfg.parallel).ds_fragment()
 
 
-def build_ds_config(cfg: Config, device: torch.device, *, elements_per_rank: int | None = None) -> dict[str, Any]:
-    """elements_per_rank: trainable parameters / ZeRO partitions, for sub_group_size=auto."""
+def build_ds_config(cfg: Config, device: torch.device, *, elements_per_rank: int | None = None,
+                    world_size: int | None = None) -> dict[str, Any]:
+    """elements_per_rank: trainable parameters / ZeRO partitions, for sub_group_size=auto; world_size: all ranks."""
     precision = resolve_precision(cfg, device)
     zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
     sub_group_size = resolve_sub_group_size(cfg, elements_per_rank)
     if cfg.parallel.zero_stage == 3:
         zero.update(sub_group_size=sub_group_size, stage3_gather_16bit_weights_on_model_save=False)
     if cfg.parallel.zero_stage >= 2:
-        zero.update(overlap_comm=device.type == "cuda", contiguous_gradients=True)
+        # contiguous_gradients copies each gradient into a bucket to spare the CUDA caching allocator
+        # fragmentation; on the CPU that is only one more copy of every gradient per step.
+        zero.update(overlap_comm=device.type == "cuda", contiguous_gradients=device.type == "cuda")
+    if world_size == 1 and cfg.parallel.zero_stage in (1, 2):
+        zero.update(reduce_scatter=False)  # one rank: a per-parameter offsets loop for a scatter to nobody
     zero.update(offload_fragment(cfg))
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,

@@ -162,7 +162,8 @@ class Trainer:
 
         self.precision = resolve_precision(cfg, self.device)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        ds_config = build_ds_config(cfg, self.device, elements_per_rank=-(-trainable // self.mesh.world_size))
+        ds_config = build_ds_config(cfg, self.device, elements_per_rank=-(-trainable // self.mesh.world_size),
+                                    world_size=self.mesh.world_size)
         if self.resume_from is not None and is_universal(self.resume_from):
             # A reshaped checkpoint (`distvit ckpt reshape`): DeepSpeed re-partitions whole tensors.
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
