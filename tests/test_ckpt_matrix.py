@@ -128,7 +128,7 @@ def test_zero3_with_sequence_parallel_trains_like_one_process(digits_dir, tmp_pa
 
 @pytest.mark.parametrize("sets,expected", [
     (["parallel.zero_stage=0", "parallel.offload=cpu"], "parallel.offload=cpu needs ZeRO stage 1-3"),
-    (["parallel.zero_stage=2", "parallel.offload=interleaved"], "parallel.offload=interleaved extends ZeRO-3"),
+    (["parallel.zero_stage=2", "parallel.offload=interleaved"], "interleaved splits ZeRO-3's optimizer sub-groups"),
     (["parallel.zero_stage=0", "parallel.precision=bf16"], "parallel.precision=bf16 on the CPU needs parallel.zero_stage >= 1"),
 ])
 def test_refused_combinations_are_one_line(sets, expected):
