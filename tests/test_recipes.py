@@ -51,3 +51,23 @@ def test_print_config_of_a_recipe():
     printed = yaml.safe_load(out.stdout)
     assert printed["data"]["auto_augment"] == "rand-m9-mstd0.5-inc1" and printed["data"]["mixup"] == 0.8
     assert printed["optim"]["label_smoothing"] == 0.1 and printed["model"]["drop_path_rate"] == 0.1
+
+
+PUBLISHED_LR = {  # recipe: the peak LR its source uses at its own global batch
+    "deit_small_imagenet": 1e-3, "deit_base_imagenet": 1e-3, "vit_base_patch16_finetune": 2e-3,
+    "deit3_base_imagenet": 3e-3, "swin_tiny_imagenet": 1e-3,
+}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_lr_follows_the_global_batch(path):
+    """Recipes give optim.lr_base at a reference batch: at the published global batch (8 GPUs) the
+    resolved LR is the published one, and it scales linearly on 16 GPUs with the per-GPU batch kept."""
+    from distvit.engine.lr_scale import resolve_lr
+
+    cfg = load_config(path)
+    assert cfg.optim.lr_base is not None and "lr" not in cfg.optim.model_fields_set
+    lr8, _ = resolve_lr(cfg, dp_size=8)
+    lr16, _ = resolve_lr(cfg, dp_size=16)
+    assert lr8 == pytest.approx(PUBLISHED_LR[path.stem], rel=1e-12)
+    assert lr16 == pytest.approx(2 * lr8, rel=1e-12)
