@@ -1,4 +1,4 @@
-"""Decode and augment one sample with PIL; normalize a whole batch at once.
+"""Decode and augment one sample with PIL (uint8); normalisation runs on the device (distvit.data.device).
 
 torchvision is not a dependency, so the two transforms ViT training needs are written here:
 random resized crop (torchvision's sampling: 10 tries of area/ratio, then a center fallback) and
@@ -95,7 +95,7 @@ def center_box(width: int, height: int, size: int, crop_pct: float) -> tuple[flo
 
 class TrainTransform:
     """Crop, flip, then (data.auto_augment / color_jitter / three_augment) the PIL stage of
-    distvit.data.augment; random erasing runs on the normalized batch in `finish`, as timm's does.
+    distvit.data.augment; random erasing is drawn in `erase_plan` and applied after device normalisation.
     Every draw comes from the sample's own generator, in that order."""
 
     def __init__(self, size: int, in_chans: int, scale, ratio, hflip: float, interpolation: str,
@@ -121,14 +121,16 @@ class TrainTransform:
             out = self.augment(out, Draws.from_rng(rng))
         return np.asarray(out)
 
-    def finish(self, batch: torch.Tensor, rngs: list[random.Random]) -> torch.Tensor:
-        """Random erasing on the normalized [B, C, H, W] batch, each sample from its own generator."""
-        if self.erase is not None:
-            from distvit.data.augment import Draws
+    def erase_plan(self, rngs: list[random.Random], shape) -> torch.Tensor | None:
+        """Random erasing's draws for each sample, from its own generator after the PIL stage:
+        [B, 5] int64 (distvit.data.device.ERASE_COLUMNS); the erasing itself runs on the normalised
+        batch on the training device (distvit.data.device.DeviceNormalize), as timm's prefetcher does."""
+        if self.erase is None:
+            return None
+        from distvit.data.augment import Draws
 
-            for i, rng in enumerate(rngs):
-                self.erase(batch[i], Draws(rng, None))
-        return batch
+        plans = [self.erase.plan(shape, Draws(rng, None)) or (0, 0, 0, 0, 0) for rng in rngs]
+        return torch.tensor(plans, dtype=torch.int64)
 
 
 class EvalTransform:
@@ -141,18 +143,3 @@ class EvalTransform:
         if img.size == (self.size, self.size) and box == (0, 0, self.size, self.size):
             return np.asarray(img)  # already the right size: keep the pixels exactly
         return np.asarray(img.resize((self.size, self.size), self.resample, box=box))
-
-
-class Normalize:
-    """uint8 HWC images -> float32 [B, C, H, W], (x / 255 - mean) / std, one vectorized op per batch."""
-
-    def __init__(self, mean, std):
-        self.scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, -1, 1, 1)
-        self.shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, -1, 1, 1)
-
-    def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
-        batch = torch.from_numpy(np.stack(images))
-        if batch.dim() == 3:  # grayscale: add the channel axis
-            batch = batch.unsqueeze(-1)
-        batch = batch.permute(0, 3, 1, 2).float()
-        return batch.mul_(self.scale).sub_(self.shift).contiguous()
