@@ -23,7 +23,7 @@ from distvit.data.errors import BadSample, BadSampleLog, DataError
 from distvit.data.reader import PieceReader
 from distvit.data.shards import Shard, WorkerPlan, batches_done, pieces_for_range, stable_rng, train_plan
 from distvit.data.device import to_uint8_batch
-from distvit.data.transforms import EvalTransform, TrainTransform, decode_image, decode_label, sample_rng
+from distvit.data.transforms import EvalTransform, TrainTransform, decode_crop, decode_label, sample_rng
 
 
 @dataclass(frozen=True)
@@ -162,12 +162,12 @@ class WorkerStream:
                 item = block[idx]
                 c["taken"] += 1
                 try:
-                    img = decode_image(item, s.in_chans)
-                    label = read_label(item, s)
                     # With repeated augmentation each rank draws its own augmentation of a shared sample.
                     key = item["__key__"] if s.repeated_aug == 1 else f"{item['__key__']}\0{s.dp_rank}"
                     rng = sample_rng(s.seed, s.epoch, item.get("__url__", ""), key)
-                    images.append(self.transform(img, rng))
+                    img, box = decode_crop(item, s.in_chans, lambda w, h: self.transform.box(w, h, rng), s.img_size)
+                    label = read_label(item, s)
+                    images.append(self.transform(img, rng, box))
                     labels.append(label), rngs.append(rng)
                 except BadSample as exc:
                     self.bad.report(item.get("__url__", "?"), item.get("__key__"), exc.reason)
@@ -224,9 +224,9 @@ class ValStream(IterableDataset):
                     continue
                 left -= 1
                 try:
-                    img = decode_image(item, s.in_chans)
+                    img, box = decode_crop(item, s.in_chans, transform.box, s.img_size)
                     label = read_label(item, s)
-                    images.append(transform(img)), labels.append(label), valid.append(True)
+                    images.append(transform(img, box=box)), labels.append(label), valid.append(True)
                 except BadSample as exc:
                     bad.report(item.get("__url__", "?"), item.get("__key__"), exc.reason)
                     images.append(pad), labels.append(0), valid.append(False)
