@@ -224,9 +224,10 @@ class ValStream(IterableDataset):
                     continue
                 left -= 1
                 try:
-                    img, box = decode_crop(item, s.in_chans, transform.box, s.img_size)
+                    # Full decode (no draft): the same pixels as `distvit predict` on the decoded image.
+                    img = decode_crop(item, s.in_chans)[0]
                     label = read_label(item, s)
-                    images.append(transform(img, box=box)), labels.append(label), valid.append(True)
+                    images.append(transform(img)), labels.append(label), valid.append(True)
                 except BadSample as exc:
                     bad.report(item.get("__url__", "?"), item.get("__key__"), exc.reason)
                     images.append(pad), labels.append(0), valid.append(False)
