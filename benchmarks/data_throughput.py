@@ -15,6 +15,15 @@ is kept, and the two loaders alternate so background load hits both alike.
     python benchmarks/data_throughput.py --workers 0,2,4 --samples 8192 --out benchmarks/results/x.jsonl
 
 One JSON line per worker count: images/s of both and the ratio ours / webdataset (goal >= 1).
+
+The realistic case (--photos): ImageNet-sized JPEGs (500 x 375, quality 90) cut at random from the
+photographs scikit-learn ships (load_sample_images), decoded to 224 crops. Ours sends uint8 batches
+and normalises in the consuming process (on CPU here; on the GPU in training); the peer normalises
+to float in its workers, as a plain webdataset + PIL pipeline does. Each line also gives ours with
+RandAugment (rand-m9-mstd0.5-inc1) + mixup/cutmix (applied to each batch in the consuming process):
+
+    python benchmarks/data_throughput.py --photos --workers 1,2 --samples 1024 \
+        --out benchmarks/results/data_throughput_cpu.jsonl
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ def parse_args():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--shards", default=None, help="use these shards (pattern) instead of writing synthetic ones")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--photos", action="store_true", help="realistic case: 500x375 JPEG crops of real photos -> 224")
     return p.parse_args()
 
 
@@ -54,13 +64,56 @@ def make_shards(root: str, args) -> str:
     return f"{root}/train-*.tar"
 
 
-def ours(pattern: str, args, workers: int):
+def make_photo_shards(root: str, args) -> str:
+    """ImageNet-sized JPEGs: 500 x 375 crops (random place and flip) of scikit-learn's sample photos."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from distvit.data.write import DEFAULT_SHARD_BYTES, Record, write_dataset
+
+    photos = load_sample_images().images
+    rs = np.random.RandomState(0)
+    recs = []
+    for i in range(args.samples):
+        a = photos[i % len(photos)]
+        y, x = rs.randint(0, a.shape[0] - 375 + 1), rs.randint(0, a.shape[1] - 500 + 1)
+        crop = a[y:y + 375, x:x + 500]
+        crop = crop[:, ::-1] if rs.rand() < 0.5 else crop
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(crop)).save(buf, format="JPEG", quality=90)
+        recs.append(Record(f"p{i:06d}", buf.getvalue(), "jpg", i % 100, {}))
+    sizes = [args.shard_samples] * (args.samples // args.shard_samples) + (
+        [args.samples % args.shard_samples] if args.samples % args.shard_samples else [])
+    write_dataset(root, {"train": recs}, name="photos", classes=[str(c) for c in range(100)], channels=3,
+                  image_size=None, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], samples_per_shard=1 << 30,
+                  shard_bytes=DEFAULT_SHARD_BYTES, source="sklearn sample images", shard_sizes={"train": sizes})
+    return f"{root}/train-*.tar"
+
+
+def ours(pattern: str, args, workers: int, auto_augment: str | None = None):
     from distvit.data import DataConfig, build_train_loader
 
     cfg = DataConfig(train=pattern, val=None, batch_size=args.batch, num_workers=workers, img_size=args.img_size,
                      in_chans=3, shuffle_buffer=args.buffer, hflip=0.5, train_crop_scale=[0.08, 1.0],
-                     interpolation="bilinear", pin_memory=False)
+                     interpolation="bilinear", pin_memory=False, auto_augment=auto_augment)
     return build_train_loader(cfg, dp_rank=0, dp_size=1, seed=0)
+
+
+class Mixed:
+    """Ours with RandAugment in the workers and mixup/cutmix on each batch (the trainer's device step)."""
+
+    def __init__(self, pattern, args, workers):
+        from distvit.data import DataConfig
+        from distvit.data.mixup import build_mixer
+
+        self.loader = ours(pattern, args, workers, auto_augment="rand-m9-mstd0.5-inc1")
+        self.mixer = build_mixer(DataConfig(mixup=0.8, cutmix=1.0), 100)
+
+    def __iter__(self):
+        for step, (images, labels) in enumerate(self.loader):
+            yield self.mixer(images, labels, self.mixer.draws(0, step, 0, 0))
 
 
 def peer(pattern: str, args, workers: int):
@@ -110,12 +163,15 @@ def main():
     torch.set_num_threads(1)
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
-        pattern = args.shards or make_shards(tmp, args)
+        if args.photos:
+            args.img_size = 224
+        pattern = args.shards or (make_photo_shards if args.photos else make_shards)(tmp, args)
+        runs = (("ours", ours), ("webdataset", peer)) + ((("ours_randaug_mixup", Mixed),) if args.photos else ())
         for workers in [int(w) for w in args.workers.split(",")]:
-            best = {"ours": 0.0, "webdataset": 0.0}
+            best = {name: 0.0 for name, _ in runs}
             images = {}
             for _ in range(args.repeats):
-                for name, make in (("ours", ours), ("webdataset", peer)):
+                for name, make in runs:
                     seconds, n = time_epoch(make(pattern, args, workers))
                     best[name] = max(best[name], n / seconds)
                     images[name] = n
@@ -125,6 +181,13 @@ def main():
                 "images_per_epoch": images, "batch": args.batch, "src_size": args.src_size, "img_size": args.img_size,
                 "shuffle_buffer": args.buffer, "cpus": os.cpu_count(), "machine": platform.node() or "unknown",
             }
+            if args.photos:
+                procs = max(1, workers)
+                line.update(case="photos_500x375_q90", src_size="500x375", per_worker_img_s={k: round(v / procs, 1) for k, v in best.items()},
+                            ours_randaug_mixup_img_s=round(best["ours_randaug_mixup"], 1),
+                            randaug_mixup_cost=round(best["ours"] / best["ours_randaug_mixup"], 3),
+                            pipeline="ours: uint8 workers + normalise in consumer (+draft decode); "
+                                     "webdataset: decode('pil') + float normalise in workers")
             lines.append(json.dumps(line))
             print(lines[-1], flush=True)
     if args.out:

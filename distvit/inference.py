@@ -40,13 +40,15 @@ class LoadedRun:
     def preprocess(self, images) -> torch.Tensor:
         """PIL images -> the normalised batch the model was validated on."""
         from distvit.data.loader import resolve_stats
-        from distvit.data.transforms import EvalTransform, Normalize
+        from distvit.data.device import DeviceNormalize, to_uint8_batch
+        from distvit.data.transforms import EvalTransform
 
         d = self.cfg.data
         transform = EvalTransform(d.img_size, d.in_chans, d.eval_crop_pct, d.interpolation)
         mean, std = resolve_stats(d, self.manifest)
         mode = "L" if d.in_chans == 1 else "RGB"
-        return Normalize(mean, std)([transform(img.convert(mode)) for img in images]).to(self.device)
+        batch = to_uint8_batch([transform(img.convert(mode)) for img in images])
+        return DeviceNormalize(mean, std)(batch, self.device)  # as the val loader: uint8 -> device, then normalise
 
     @torch.no_grad()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:

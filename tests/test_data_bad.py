@@ -230,23 +230,23 @@ def test_val_bad_sample_becomes_padding(tmp_path):
 
 
 def _crash_on(key):
-    real = pipeline.decode_image
+    real = pipeline.decode_crop
 
-    def decode(item, in_chans):
+    def decode(item, in_chans, *args):
         if item["__key__"] == key:
             os._exit(3)  # a worker dying hard (OOM killer, segfault in a codec)
-        return real(item, in_chans)
+        return real(item, in_chans, *args)
 
     return decode
 
 
 def _hang_on(key):
-    real = pipeline.decode_image
+    real = pipeline.decode_crop
 
-    def decode(item, in_chans):
+    def decode(item, in_chans, *args):
         if item["__key__"] == key:
             time.sleep(60)
-        return real(item, in_chans)
+        return real(item, in_chans, *args)
 
     return decode
 
@@ -254,7 +254,7 @@ def _hang_on(key):
 @pytest.mark.parametrize("make,match", [(_crash_on, "exited unexpectedly"), (_hang_on, "timed out")])
 def test_dead_or_stuck_worker_is_an_error_not_a_hang(tmp_path, monkeypatch, make, match):
     write_synthetic(tmp_path, shard_sizes=[16, 16])
-    monkeypatch.setattr(pipeline, "decode_image", make("s000020"))  # forked workers inherit the patch
+    monkeypatch.setattr(pipeline, "decode_crop", make("s000020"))  # forked workers inherit the patch
     cfg = cfg_for(tmp_path, num_workers=2, worker_timeout_s=3.0, mp_context="fork")
     loader = build_train_loader(cfg, dp_rank=0, dp_size=1, seed=0)
     start = time.monotonic()

@@ -349,10 +349,11 @@ class RandomErasing:
         self.min_area, self.max_area = min_area, max_area
         self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
 
-    def __call__(self, img: torch.Tensor, d: Draws, gen: torch.Generator | None = None) -> torch.Tensor:
+    def plan(self, shape, d: Draws) -> tuple[int, int, int, int, int] | None:
+        """The sample's draws: (top, left, height, width, noise seed), or None when not erased."""
         if d.py.random() > self.prob:
-            return img
-        chan, h_img, w_img = img.shape
+            return None
+        _, h_img, w_img = shape
         area = h_img * w_img
         for _ in range(10):
             target = d.py.uniform(self.min_area, self.max_area) * area
@@ -360,14 +361,14 @@ class RandomErasing:
             h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
             if w < w_img and h < h_img:
                 top, left = d.py.randint(0, h_img - h), d.py.randint(0, w_img - w)
-                if gen is None:
-                    gen = torch.Generator().manual_seed(d.py.getrandbits(63))
-                if self.mode == "pixel":
-                    fill = torch.empty((chan, h, w), dtype=img.dtype).normal_(generator=gen)
-                elif self.mode == "rand":
-                    fill = torch.empty((chan, 1, 1), dtype=img.dtype).normal_(generator=gen)
-                else:
-                    fill = torch.zeros((chan, 1, 1), dtype=img.dtype)
-                img[:, top:top + h, left:left + w] = fill
-                break
+                return top, left, h, w, d.py.getrandbits(63)
+        return None
+
+    def __call__(self, img: torch.Tensor, d: Draws, gen: torch.Generator | None = None) -> torch.Tensor:
+        """Erase one CHW tensor in place; `gen` (if given) supplies the noise instead of the drawn seed."""
+        from distvit.data.device import apply_erase
+
+        box = self.plan(img.shape, d)
+        if box is not None:
+            apply_erase(img[None], torch.tensor([box], dtype=torch.int64), self.mode, gen)
         return img

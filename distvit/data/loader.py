@@ -4,7 +4,8 @@
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)            # keeps the position when `epoch` is the loaded state's epoch
                                            # (a state taken after an epoch's last batch then yields nothing)
-        for images, labels in loader:      # exactly loader.steps_per_epoch batches on every rank
+        for images, labels in loader:      # exactly loader.steps_per_epoch batches on every rank, float32
+                                           # normalised on `device` (workers send uint8: distvit.data.device)
             ...
             state = loader.state_dict()    # small JSON-able dict; load_state_dict(state) resumes bitwise
 
@@ -18,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from distvit.data.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
+from distvit.data.device import DeviceNormalize
 from distvit.data.errors import DataError, log
 from distvit.data.pipeline import StreamSpec, TrainStream, ValStream
 from distvit.data.shards import list_shards, steps_per_epoch, val_ranges
@@ -97,8 +99,10 @@ def _check_rank(dp_rank: int, dp_size: int) -> None:
 class TrainLoader:
     """Shuffled, augmented training batches; the same number of steps on every rank; exact resume."""
 
-    def __init__(self, cfg: DataConfig, *, dp_rank: int, dp_size: int, seed: int, num_classes: int | None = None):
+    def __init__(self, cfg: DataConfig, *, dp_rank: int, dp_size: int, seed: int, num_classes: int | None = None,
+                 device=None):
         _check_rank(dp_rank, dp_size)
+        self.device = torch.device(device or "cpu")  # where batches are normalised (and erased)
         if cfg.repeated_aug > dp_size:
             raise DataError(f"data.repeated_aug={cfg.repeated_aug} repeats each sample on that many different ranks, "
                             f"but there are {dp_size} data-parallel ranks; set data.repeated_aug <= {dp_size} (1: off)")
@@ -106,6 +110,7 @@ class TrainLoader:
         self.num_classes = num_classes  # the model's: labels outside it are bad samples, not an IndexError
         self.shards, self.manifest = list_shards(cfg.train, cfg.manifest, cfg.on_error, allow_pipe=cfg.allow_pipe,
                                                  what="data.train")
+        self.normalize = DeviceNormalize(*resolve_stats(cfg, self.manifest), erase_mode=cfg.remode)
         line = stats_line(cfg, self.manifest, *resolve_stats(cfg, self.manifest))
         if line and dp_rank == 0:
             log.warning(line)
@@ -154,7 +159,7 @@ class TrainLoader:
         try:
             while self._step < self.steps_per_epoch:
                 try:
-                    images, labels, cursor = next(it)
+                    images, labels, erase, cursor = next(it)
                 except StopIteration:
                     raise RuntimeError(
                         f"data loader of rank {self.dp_rank} ended after {self._step} of {self.steps_per_epoch} "
@@ -166,7 +171,7 @@ class TrainLoader:
                                        f"{cursor['batches']}, expected {expected}; DataLoader order changed")
                 self._cursors[cursor["worker"]] = cursor
                 self._step += 1
-                yield images, labels
+                yield self.normalize(images, self.device, erase), labels
         finally:
             del it  # shuts the workers down even when the caller stops early
 
@@ -208,14 +213,16 @@ class TrainLoader:
 class ValLoader:
     """Every val sample exactly once over all ranks (valid=True), the same number of batches on every rank."""
 
-    def __init__(self, cfg: DataConfig, *, dp_rank: int, dp_size: int, num_classes: int | None = None):
+    def __init__(self, cfg: DataConfig, *, dp_rank: int, dp_size: int, num_classes: int | None = None, device=None):
         _check_rank(dp_rank, dp_size)
+        self.device = torch.device(device or "cpu")
         if cfg.val is None:
             raise DataError("data.val is not set; give the validation shard pattern, e.g. data.val=data/digits/val-*.tar")
         self.cfg, self.dp_rank, self.dp_size, self.num_classes = cfg, dp_rank, dp_size, num_classes
         self.shards, self.manifest = list_shards(cfg.val, cfg.manifest, cfg.on_error, allow_pipe=cfg.allow_pipe,
                                                  what="data.val")
         self.num_samples = sum(s.samples for s in self.shards)
+        self.normalize = DeviceNormalize(*resolve_stats(cfg, self.manifest))
         self.num_workers = max(1, cfg.num_workers)
         self.num_batches, self._slices = val_ranges(self.num_samples, dp_size, dp_rank, cfg.batch_size, self.num_workers)
         self.bad_samples = 0
@@ -237,16 +244,18 @@ class ValLoader:
                                        "batches; this is a bug in distvit.data, please report it") from None
                 bad[i % self.num_workers] = int(worker_bad)
                 self.bad_samples = sum(bad)
-                yield images, labels, valid
+                yield self.normalize(images, self.device), labels, valid
         finally:
             del it
 
 
 def build_train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, seed: int,
-                       num_classes: int | None = None) -> TrainLoader:
-    """`num_classes`: the model's class count; a label outside it is a bad sample (data.on_error)."""
-    return TrainLoader(cfg, dp_rank=dp_rank, dp_size=dp_size, seed=seed, num_classes=num_classes)
+                       num_classes: int | None = None, device=None) -> TrainLoader:
+    """`num_classes`: the model's class count; a label outside it is a bad sample (data.on_error).
+    `device`: where the uint8 batches are copied (pinned, non-blocking on CUDA) and normalised; CPU if None."""
+    return TrainLoader(cfg, dp_rank=dp_rank, dp_size=dp_size, seed=seed, num_classes=num_classes, device=device)
 
 
-def build_val_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, num_classes: int | None = None) -> ValLoader:
-    return ValLoader(cfg, dp_rank=dp_rank, dp_size=dp_size, num_classes=num_classes)
+def build_val_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, num_classes: int | None = None,
+                     device=None) -> ValLoader:
+    return ValLoader(cfg, dp_rank=dp_rank, dp_size=dp_size, num_classes=num_classes, device=device)

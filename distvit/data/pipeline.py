@@ -1,4 +1,4 @@
-"""What runs inside each DataLoader worker: plan -> raw samples -> shuffle block -> decode/augment -> batch.
+"""What runs inside each DataLoader worker: plan -> raw samples -> shuffle block -> decode/augment -> uint8 batch.
 
 Shuffling is by *blocks*: a worker reads `shuffle_buffer` raw samples of its share, permutes them with
 a generator seeded by (seed, epoch, rank, worker, block), and emits them. webdataset's shuffle keeps a
@@ -22,7 +22,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from distvit.data.errors import BadSample, BadSampleLog, DataError
 from distvit.data.reader import PieceReader
 from distvit.data.shards import Shard, WorkerPlan, batches_done, pieces_for_range, stable_rng, train_plan
-from distvit.data.transforms import EvalTransform, Normalize, TrainTransform, decode_image, decode_label, sample_rng
+from distvit.data.device import to_uint8_batch
+from distvit.data.transforms import EvalTransform, TrainTransform, decode_crop, decode_label, sample_rng
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,6 @@ class WorkerStream:
         self.bad = BadSampleLog(spec.on_error, spec.max_logged_errors, f"rank {spec.dp_rank} worker {worker}")
         self.transform = TrainTransform(spec.img_size, spec.in_chans, spec.crop_scale, spec.crop_ratio,
                                         spec.hflip, spec.interpolation, spec.augment, spec.mean)
-        self.normalize = Normalize(spec.mean, spec.std)
         done = batches_done(spec.start_step, worker, spec.num_workers)
         if cursor is None:
             if done:
@@ -127,7 +127,7 @@ class WorkerStream:
             block.append(item)
         return block, start
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]]:
         s, c = self.s, self.c
         quota = self.plan.quota
         if c["good"] >= quota:
@@ -162,12 +162,12 @@ class WorkerStream:
                 item = block[idx]
                 c["taken"] += 1
                 try:
-                    img = decode_image(item, s.in_chans)
-                    label = read_label(item, s)
                     # With repeated augmentation each rank draws its own augmentation of a shared sample.
                     key = item["__key__"] if s.repeated_aug == 1 else f"{item['__key__']}\0{s.dp_rank}"
                     rng = sample_rng(s.seed, s.epoch, item.get("__url__", ""), key)
-                    images.append(self.transform(img, rng))
+                    img, box = decode_crop(item, s.in_chans, lambda w, h: self.transform.box(w, h, rng), s.img_size)
+                    label = read_label(item, s)
+                    images.append(self.transform(img, rng, box))
                     labels.append(label), rngs.append(rng)
                 except BadSample as exc:
                     self.bad.report(item.get("__url__", "?"), item.get("__key__"), exc.reason)
@@ -182,8 +182,9 @@ class WorkerStream:
                 if len(images) == s.batch_size:
                     c["batches"] += 1
                     c["bad"] = self.bad.count
-                    yield (self.transform.finish(self.normalize(images), rngs), torch.tensor(labels, dtype=torch.int64),
-                           dict(c))
+                    batch = to_uint8_batch(images)
+                    yield (batch, torch.tensor(labels, dtype=torch.int64),
+                           self.transform.erase_plan(rngs, batch.shape[1:]), dict(c))
                     images, labels, rngs = [], [], []
                     if c["good"] >= quota:
                         return
@@ -211,7 +212,6 @@ class ValStream(IterableDataset):
         start, stop, n_batches = self.slices[w]
         bad = BadSampleLog(s.on_error, s.max_logged_errors, f"rank {s.dp_rank} val worker {w}")
         transform = EvalTransform(s.img_size, s.in_chans, s.eval_crop_pct, s.interpolation)
-        normalize = Normalize(s.mean, s.std)
         reader = PieceReader(iter(pieces_for_range(list(s.shards), start, stop - start)), bad)
         left = stop - start
         pad = np.zeros((s.img_size, s.img_size) if s.in_chans == 1 else (s.img_size, s.img_size, 3), np.uint8)
@@ -224,10 +224,11 @@ class ValStream(IterableDataset):
                     continue
                 left -= 1
                 try:
-                    img = decode_image(item, s.in_chans)
+                    # Full decode (no draft): the same pixels as `distvit predict` on the decoded image.
+                    img = decode_crop(item, s.in_chans)[0]
                     label = read_label(item, s)
                     images.append(transform(img)), labels.append(label), valid.append(True)
                 except BadSample as exc:
                     bad.report(item.get("__url__", "?"), item.get("__key__"), exc.reason)
                     images.append(pad), labels.append(0), valid.append(False)
-            yield normalize(images), torch.tensor(labels, dtype=torch.int64), torch.tensor(valid), bad.count
+            yield to_uint8_batch(images), torch.tensor(labels, dtype=torch.int64), torch.tensor(valid), bad.count

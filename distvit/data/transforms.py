@@ -1,4 +1,4 @@
-"""Decode and augment one sample with PIL; normalize a whole batch at once.
+"""Decode and augment one sample with PIL (uint8); normalisation runs on the device (distvit.data.device).
 
 torchvision is not a dependency, so the two transforms ViT training needs are written here:
 random resized crop (torchvision's sampling: 10 tries of area/ratio, then a center fallback) and
@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from distvit.data.errors import BadSample
+from distvit.data.jpeg import draft_for_crop
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "gif")
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
@@ -30,16 +31,27 @@ def sample_rng(seed: int, epoch: int, url: str, key: str) -> random.Random:
 
 
 def decode_image(sample: dict, in_chans: int) -> Image.Image:
+    return decode_crop(sample, in_chans)[0]
+
+
+def decode_crop(sample: dict, in_chans: int, crop=None, size: int = 0) -> tuple[Image.Image, tuple | None]:
+    """Decode the sample's image; with `crop` ((width, height) -> box, drawn on the full-size image) a
+    JPEG is decoded only as large as the box needs for a `size` x `size` output (distvit.data.jpeg),
+    and the box comes back in the decoded image's coordinates."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         have = sorted(k for k in sample if not k.startswith("__"))
         raise BadSample(f"no image file (looked for .{'/.'.join(IMAGE_EXTS[:4])}; the sample has {have})")
+    mode = "L" if in_chans == 1 else "RGB"
+    box = None
     try:
         img = Image.open(io.BytesIO(sample[ext]))
-        img = img.convert("L" if in_chans == 1 else "RGB")  # convert() forces the full decode
+        if crop is not None:
+            box = draft_for_crop(img, mode, crop(img.width, img.height), size)
+        img = img.convert(mode)  # convert() forces the full decode
     except Exception as exc:
         raise BadSample(f"cannot decode .{ext} image ({type(exc).__name__}: {exc})") from None
-    return img
+    return img, box
 
 
 def decode_label(sample: dict, num_classes: int | None) -> int:
@@ -95,7 +107,7 @@ def center_box(width: int, height: int, size: int, crop_pct: float) -> tuple[flo
 
 class TrainTransform:
     """Crop, flip, then (data.auto_augment / color_jitter / three_augment) the PIL stage of
-    distvit.data.augment; random erasing runs on the normalized batch in `finish`, as timm's does.
+    distvit.data.augment; random erasing is drawn in `erase_plan` and applied after device normalisation.
     Every draw comes from the sample's own generator, in that order."""
 
     def __init__(self, size: int, in_chans: int, scale, ratio, hflip: float, interpolation: str,
@@ -110,8 +122,13 @@ class TrainTransform:
                                      interpolation=interpolation, in_chans=in_chans)
         self.erase = RandomErasing(reprob, remode) if reprob > 0 else None
 
-    def __call__(self, img: Image.Image, rng: random.Random) -> np.ndarray:
-        box = random_resized_box(img.width, img.height, self.scale, self.ratio, rng)
+    def box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        return random_resized_box(width, height, self.scale, self.ratio, rng)
+
+    def __call__(self, img: Image.Image, rng: random.Random, box=None) -> np.ndarray:
+        """`box`: the crop already drawn (by `box`, e.g. for a draft decode); else drawn here."""
+        if box is None:
+            box = self.box(img.width, img.height, rng)
         out = img.resize((self.size, self.size), self.resample, box=box)
         if self.hflip and rng.random() < self.hflip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
@@ -121,14 +138,16 @@ class TrainTransform:
             out = self.augment(out, Draws.from_rng(rng))
         return np.asarray(out)
 
-    def finish(self, batch: torch.Tensor, rngs: list[random.Random]) -> torch.Tensor:
-        """Random erasing on the normalized [B, C, H, W] batch, each sample from its own generator."""
-        if self.erase is not None:
-            from distvit.data.augment import Draws
+    def erase_plan(self, rngs: list[random.Random], shape) -> torch.Tensor | None:
+        """Random erasing's draws for each sample, from its own generator after the PIL stage:
+        [B, 5] int64 (distvit.data.device.ERASE_COLUMNS); the erasing itself runs on the normalised
+        batch on the training device (distvit.data.device.DeviceNormalize), as timm's prefetcher does."""
+        if self.erase is None:
+            return None
+        from distvit.data.augment import Draws
 
-            for i, rng in enumerate(rngs):
-                self.erase(batch[i], Draws(rng, None))
-        return batch
+        plans = [self.erase.plan(shape, Draws(rng, None)) or (0, 0, 0, 0, 0) for rng in rngs]
+        return torch.tensor(plans, dtype=torch.int64)
 
 
 class EvalTransform:
@@ -136,23 +155,12 @@ class EvalTransform:
         self.size, self.in_chans, self.crop_pct = size, in_chans, crop_pct
         self.resample = RESAMPLE[interpolation]
 
-    def __call__(self, img: Image.Image, rng=None) -> np.ndarray:
-        box = center_box(img.width, img.height, self.size, self.crop_pct)
+    def box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        return center_box(width, height, self.size, self.crop_pct)
+
+    def __call__(self, img: Image.Image, rng=None, box=None) -> np.ndarray:
+        if box is None:
+            box = self.box(img.width, img.height)
         if img.size == (self.size, self.size) and box == (0, 0, self.size, self.size):
             return np.asarray(img)  # already the right size: keep the pixels exactly
         return np.asarray(img.resize((self.size, self.size), self.resample, box=box))
-
-
-class Normalize:
-    """uint8 HWC images -> float32 [B, C, H, W], (x / 255 - mean) / std, one vectorized op per batch."""
-
-    def __init__(self, mean, std):
-        self.scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, -1, 1, 1)
-        self.shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, -1, 1, 1)
-
-    def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
-        batch = torch.from_numpy(np.stack(images))
-        if batch.dim() == 3:  # grayscale: add the channel axis
-            batch = batch.unsqueeze(-1)
-        batch = batch.permute(0, 3, 1, 2).float()
-        return batch.mul_(self.scale).sub_(self.shift).contiguous()

@@ -141,9 +141,10 @@ class Trainer:
             model.compile()
         classes = getattr(model, "num_classes", None)  # labels outside the head are bad samples, not IndexError
         self.train_loader = build_train_loader(cfg.data, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size,
-                                               seed=cfg.run.seed, num_classes=classes)
+                                               seed=cfg.run.seed, num_classes=classes, device=self.device)
         self.val_loader = (
-            build_val_loader(cfg.data, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size, num_classes=classes)
+            build_val_loader(cfg.data, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size, num_classes=classes,
+                             device=self.device)
             if cfg.data.val else None
         )
         accum = cfg.parallel.grad_accum
