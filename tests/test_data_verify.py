@@ -95,7 +95,7 @@ def test_tar_recipe_with_files_apart_is_named_and_no_empty_manifest(tmp_path, ca
 def test_docs_tar_recipe_keeps_samples_together(tmp_path, capsys):
     """The recipe docs/data.md gives, run as written, makes shards whose samples all verify."""
     docs = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text().splitlines()
-    recipe = [line.split("    #")[0].strip() for line in docs if line.startswith("    ls *.png *.cls")]
+    recipe = [line.split("    #")[0].strip() for line in docs if line.lstrip().startswith("ls *.png *.cls")]
     assert len(recipe) == 1, recipe
     files = plain_files(tmp_path, n=36)
     subprocess.run(recipe[0], shell=True, cwd=files, check=True)
