@@ -46,7 +46,8 @@ def _demo_command(venv: Path, run_name: str) -> str:
     out = subprocess.run(["make", "-n", "demo", f"VENV={venv}", f"RUN_NAME={run_name}"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     start = out.index("DS_ACCELERATOR=cpu")
-    return out[start:].replace("\\\n", " ").strip()
+    # the launcher line only (continuations joined); the recipe's next line links runs/demo_digits
+    return out[start:].replace("\\\n", " ").splitlines()[0].strip()
 
 
 def _rank_processes(run_name: str) -> list[psutil.Process]:
