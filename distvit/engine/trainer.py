@@ -13,7 +13,6 @@ import copy
 import errno
 import json
 import logging
-import math
 import os
 import random
 import signal
