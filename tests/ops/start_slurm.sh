@@ -106,16 +106,31 @@ if ! daemon_up "$STATE/slurmd.pid"; then
 fi
 
 # --- wait until the node is idle (or already running our jobs) in our partition
-for _ in $(seq 150); do
-    state=$(sinfo -h -p "$PARTITION" -n "$NODE" -o %t 2>/dev/null || true)
-    case "$state" in
-        idle|mix|alloc|comp) break ;;
-        down*|drain*) scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true ;;
-    esac
-    sleep 0.2
-done
-case "$state" in
-    idle|mix|alloc|comp) log "cluster up: node $NODE ($CPUS CPUs) in partition $PARTITION, config $CONF" ;;
-    *) die "node $NODE is '$state' after 30 s; see $STATE/slurmctld.log and $STATE/slurmd.log" ;;
-esac
+wait_node() {  # $1: seconds
+    for _ in $(seq $(($1 * 5))); do
+        state=$(sinfo -h -p "$PARTITION" -n "$NODE" -o %t 2>/dev/null || true)
+        case "$state" in
+            idle|mix|alloc|comp) return 0 ;;
+            down*|drain*) scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true ;;
+        esac
+        sleep 0.2
+    done
+    return 1
+}
+if ! wait_node 30; then
+    # Not registered (a CI run once saw 'unk*' here, cause unknown): say what the logs say, restart
+    # both daemons from a clean state once, and wait again before giving up.
+    log "node $NODE is '$state' after 30 s; restarting slurmctld and slurmd once"
+    for f in slurmd.log slurmctld.log; do log "--- last lines of $STATE/$f:"; tail -n 15 "$STATE/$f" >&2 2>/dev/null || true; done
+    stop_daemon "$STATE/slurmd.pid"
+    stop_daemon "$STATE/slurmctld.pid"
+    pkill -f "slurmd -f $CONF" 2>/dev/null || true  # ours, even when its pid file is gone
+    slurmctld -f "$CONF" -c -i
+    slurmd -f "$CONF"
+    if ! wait_node 60; then
+        for f in slurmd.log slurmctld.log; do log "--- last lines of $STATE/$f:"; tail -n 25 "$STATE/$f" >&2 2>/dev/null || true; done
+        die "node $NODE is '$state' after a restart and 60 s more; see $STATE/slurmctld.log and $STATE/slurmd.log"
+    fi
+fi
+log "cluster up: node $NODE ($CPUS CPUs) in partition $PARTITION, config $CONF"
 echo "export SLURM_CONF=$CONF"
