@@ -67,6 +67,9 @@ def _worker(rank, world, port, out_dir):
         except NotImplementedError as e:
             results["decode_error"] = str(e)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        # Both ranks are done with the group before either closes it: a peer that closes its
+        # connections while the other still holds the group can abort the other (gloo, seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

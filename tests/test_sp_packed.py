@@ -71,6 +71,9 @@ def _attention_worker(rank, world, port, out_dir):
         except ValueError as e:
             results["bad_u"] = str(e)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        # Both ranks are done with the group before either closes it: a peer that closes its
+        # connections while the other still holds the group can abort the other (gloo, seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -163,6 +166,9 @@ def _vit_worker(rank, world, port, out_dir):
             results["dropped"] = model.train().forward_packed(_packed()[0])
             results["eval"] = model.eval().forward_packed(_packed()[0])
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        # Both ranks are done with the group before either closes it: a peer that closes its
+        # connections while the other still holds the group can abort the other (gloo, seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
