@@ -51,7 +51,7 @@ def _train(argv: list[str] | None) -> int:
     summary = trainer.fit()
     if trainer.is_main and not summary.get("nothing_to_train"):  # else the trainer said so in one line
         print_summary(summary)
-    from distvit import dist as ddist
+    from distvit.parallel import mesh as ddist
 
     ddist.destroy()
     return 0 if summary["status"] in ("finished", "preempted") else 1

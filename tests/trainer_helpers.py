@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
-    from distvit.dist import free_port as fp
+    from distvit.parallel.mesh import free_port as fp
 
     return fp()
 

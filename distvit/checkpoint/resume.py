@@ -139,6 +139,6 @@ def clear_stale(trainer, tag_dir: Path, log) -> None:
         if trainer.is_main:
             log(f"replacing {tag_dir}: it was not written by this run (a checkpoint the resume passed over)")
             shutil.rmtree(tag_dir, ignore_errors=True)
-        from distvit import dist as ddist
+        from distvit.parallel import mesh as ddist
 
         ddist.barrier()

@@ -22,11 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from distvit import comm
-from distvit import dist as ddist
 from distvit import errors, launch_check, models, watchdog
 from distvit import offload
 from distvit.checkpoint import io as ckio
@@ -36,8 +33,7 @@ from distvit.checkpoint.reshape import is_universal
 from distvit.config import Config, ConfigError, save_config
 from distvit.data import build_train_loader, build_val_loader, read_manifest
 from distvit.data.mixup import build_mixer
-from distvit.engine import distill, lr_scale
-from distvit.engine.deepspeed_config import build_ds_config, resolve_precision
+from distvit.engine import distill, faults, lr_scale
 from distvit.engine.loss import cross_entropy
 from distvit.engine.startup import check_output_dir
 from distvit.engine.metrics import MetricsWriter, device_peak_tflops, peak_memory_gib
@@ -45,6 +41,10 @@ from distvit.engine.optim import build_optimizer, freeze_parameters
 from distvit.engine.schedule import build_scheduler
 from distvit.engine.step_sync import StepSync
 from distvit.engine.step_tuning import grad_norm, takes_over_clipping, tune_engine
+from distvit.parallel import comm
+from distvit.parallel import mesh as ddist
+from distvit.parallel.deepspeed_config import build_ds_config, resolve_precision
+from distvit.parallel.engine import apply_sequence_parallel, init_engine
 
 
 class TrainingDiverged(RuntimeError):
@@ -104,8 +104,6 @@ class Trainer:
             # Ranks on one host share its cores; more threads than cores makes every matmul crawl.
             local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or self.info.world_size)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
-        import deepspeed
-
         self.mesh = ddist.Mesh.build(cfg.parallel.sp_size)
         self.lr_line = lr_scale.apply(cfg, self.mesh.dp_size)  # optim.lr_base -> optim.lr for this world size
         self.rank = self.mesh.rank
@@ -128,13 +126,7 @@ class Trainer:
             model.set_grad_checkpointing(True)
         self.flops_per_image = float(model.flops_per_image()) if hasattr(model, "flops_per_image") else None
         self.num_params = sum(p.numel() for p in model.parameters())
-        if cfg.parallel.sp_size > 1:
-            from distvit.models.parallelize import parallelize_sequence
-
-            # "partial": no gradient all-reduce over sp inside backward; DeepSpeed sums over sp and
-            # averages over dp in its one reduction, and ZeRO shards over dp x sp (docs/sequence_parallel.md).
-            parallelize_sequence(model, self.mesh, impl=cfg.parallel.sp_impl, grad_sync="partial",
-                                 ulysses_size=cfg.parallel.ulysses_size)
+        mpu = apply_sequence_parallel(model, self.mesh, cfg.parallel.sp_impl, ulysses_size=cfg.parallel.ulysses_size)
 
         if cfg.run.compile:  # in place: parameter names and DeepSpeed's hooks stay as they are
             model.compile()
@@ -174,15 +166,7 @@ class Trainer:
             kind=cfg.schedule.kind, peak_lr=cfg.optim.lr, min_lr=cfg.schedule.min_lr,
             decay_fraction=cfg.schedule.decay_fraction,
         )
-        mpu = _deepspeed_mpu(self.mesh)
-        if mpu is not None and cfg.parallel.zero_stage == 3:
-            # ZeRO-3 x sp: partition over dp x sp, sum gradients over sp (distvit/engine/zero3_sp.py).
-            from distvit.engine.zero3_sp import prepare_zero3_sp
-
-            prepare_zero3_sp(model, ds_config, mpu)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu,
-        )
+        self.engine = init_engine(model, optimizer, scheduler, ds_config, mpu, cfg.parallel.zero_stage)
         self._clip = tune_engine(self.engine, world_size=self.mesh.world_size, zero_stage=cfg.parallel.zero_stage,
                                  max_norm=cfg.optim.grad_clip, clipping_taken=own_clipping)
         self._step_sync = StepSync(self.device, dp_size=self.mesh.dp_size, sp_rank=self.mesh.sp_rank)
@@ -290,7 +274,7 @@ class Trainer:
         ckstate.save_rank(tag_dir, self.rank, step=self.step, epoch=self.epoch, best=self.best,
                           data=self.train_loader.state_dict(), device=self.device, ema=self.ema)
         self._saved_tags.add(tag_dir)
-        _test_fault("crash_in_save", self.step)
+        faults.maybe_kill("crash_in_save", self.step)
         ddist.barrier()
         if self.is_main:
             ckio.mark_complete(tag_dir, {
@@ -366,7 +350,7 @@ class Trainer:
                 loss = self.distiller.loss(images, logits, labels)
             else:
                 loss = cross_entropy(logits, labels, label_smoothing=self.cfg.optim.label_smoothing)
-            if _fault_armed("nan_loss", self.step + 1):
+            if faults.armed("nan_loss", self.step + 1):
                 loss = loss * float("nan")
             engine.backward(loss)
             if self._clip is not None and engine.is_gradient_accumulation_boundary():
@@ -462,7 +446,7 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
-                _test_fault("kill_at_step", self.step)
+                faults.maybe_kill("kill_at_step", self.step)
                 out = self.train_step(batches)
                 # Read steps (log, eval, save, last): the only steps where the host waits for the device.
                 is_last = self.step == self.total_steps
@@ -568,27 +552,3 @@ def _rng_isolated(iterable):
             except StopIteration:
                 return
         yield item
-
-
-def _deepspeed_mpu(mesh: ddist.Mesh):
-    """DeepSpeed's view of the mesh: None without sequence parallelism (plain data parallel)."""
-    if mesh.sp_size == 1:
-        return None
-    from distvit.models.parallelize import deepspeed_mpu
-
-    return deepspeed_mpu(mesh, "partial")
-
-
-def _fault_armed(point: str, step: int) -> bool:
-    """Fault injection for the resume tests: DISTVIT_TEST_FAULT=<point>:<step>[:<rank>]."""
-    spec = os.environ.get("DISTVIT_TEST_FAULT")
-    if not spec:
-        return False
-    name, at, *rank = spec.split(":")
-    return name == point and int(at) == step and (not rank or int(rank[0]) == dist.get_rank())
-
-
-def _test_fault(point: str, step: int) -> None:
-    """SIGKILL this process at the armed point (a real kill -9: no cleanup, no atexit)."""
-    if _fault_armed(point, step):
-        os.kill(os.getpid(), signal.SIGKILL)
