@@ -73,7 +73,8 @@ def _apply(trainer, tag_dir: Path, state: dict) -> None:
         trainer.ema.load_state_dict(state["ema"])
     meta = ckio.read_meta(tag_dir)
     if is_reshaped(meta):
-        from distvit.engine.trainer import log0, seed_all
+        from distvit.engine.build import seed_all
+        from distvit.parallel.mesh import log0
 
         # The data cursor and RNG streams belonged to the old layout (see checkpoint/reshape.py).
         seed_all(trainer.cfg.run.seed + 1_000_003 * trainer.step + trainer.rank)

@@ -237,6 +237,12 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def log0(*args) -> None:
+    """print on rank 0 only (every rank before the process group exists)."""
+    if is_main():
+        print(*args, flush=True)
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
