@@ -23,9 +23,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from distvit.choices import (ATTENTION_BACKENDS, CLIP_MODES, DEVICES, DISTILL_KINDS, LR_BASE_SCALES, OFFLOAD_MODES,
+                             OPTIMIZERS, PRECISIONS, SCHEDULES, SP_IMPLS, ZERO_STAGES)
 from distvit.data.config import DataConfig
 from distvit.errors import UserError
-from distvit.offload import MODES as OFFLOAD_MODES
 from distvit.offload import Settings as OffloadSettings
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -46,7 +47,7 @@ class RunConfig(Section):
     epochs: int | None = 1  # train for this many epochs ...
     max_steps: int | None = None  # ... or stop at this many optimizer steps (wins when both are set)
     eval_every: int = 0  # optimizer steps between evaluations; 0: at each epoch end and at the end
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal[DEVICES] = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     compile: bool = False  # torch.compile the model (inductor); see docs/recipes.md for the cost on CPU
     # A rendezvous or collective that waits longer than this for a peer (stopped, hung, killed)
@@ -74,7 +75,7 @@ class ModelConfig(Section):
     img_size: int | None = None  # None: data.img_size
     in_chans: int | None = None  # None: data.in_chans
     drop_path_rate: float = 0.0
-    attn_backend: Literal["auto", "sdpa", "flash", "math"] = "auto"
+    attn_backend: Literal[ATTENTION_BACKENDS] = "auto"
     checkpoint: str | None = None  # initial weights (.safetensors / .pt), e.g. timm's
     freeze: list[str] = []  # fnmatch patterns of parameter names to freeze, e.g. ["patch_embed.*", "blocks.[0-5].*"]
     # Fine-tuning: re-initialise the checkpoint's classifier. null: only when its class count differs
@@ -90,18 +91,18 @@ class ModelConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["adamw", "lamb", "sgd"] = "adamw"
+    name: Literal[OPTIMIZERS] = "adamw"
     lr: float = 1e-3  # peak learning rate
     # ... or the peak LR at a reference global batch, scaled to the run's (timm's --lr-base;
     # distvit/engine/lr_scale.py): lr = lr_base * (global_batch / lr_base_size), or its sqrt.
     lr_base: float | None = None
     lr_base_size: int = 256
-    lr_base_scale: Literal["linear", "sqrt"] = "linear"
+    lr_base_scale: Literal[LR_BASE_SCALES] = "linear"
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float | None = 1.0  # max global grad norm (or max |element|, clip_mode=value); null: off
-    clip_mode: Literal["norm", "value"] = "norm"
+    clip_mode: Literal[CLIP_MODES] = "norm"
     layer_decay: float | None = None  # lr scale per block, layer_decay ** (layers above); e.g. 0.65 (MAE/BEiT)
     momentum: float = 0.9  # sgd only (Nesterov)
     label_smoothing: float = 0.0
@@ -138,7 +139,7 @@ class OptimConfig(Section):
 
 
 class ScheduleConfig(Section):
-    kind: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    kind: Literal[SCHEDULES] = "cosine"
     warmup_steps: int = 0
     min_lr: float = 0.0
     decay_fraction: float = 0.1  # wsd: the last fraction of the steps decays linearly to min_lr
@@ -166,8 +167,8 @@ class ScheduleConfig(Section):
 
 
 class ParallelConfig(Section):
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    zero_stage: Literal[ZERO_STAGES] = 2
+    precision: Literal[PRECISIONS] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     grad_accum: int = 1
     activation_checkpointing: bool = False
     offload: Literal[OFFLOAD_MODES] = "none"  # distvit/offload/README.md; partial: DeepSpeed offload_optimizer.ratio
@@ -176,7 +177,7 @@ class ParallelConfig(Section):
     # about 1/8 of a rank's optimizer state, so the update can be split between device and CPU.
     sub_group_size: int | Literal["auto"] = "auto"
     sp_size: int = 1
-    sp_impl: Literal["ulysses", "ring", "hybrid"] = "ulysses"
+    sp_impl: Literal[SP_IMPLS] = "ulysses"
     ulysses_size: int | None = None  # sp_impl=hybrid: ranks per Ulysses group (divides sp_size); ring across them
     deepspeed_extra: str | dict[str, Any] | None = None  # DeepSpeed JSON merged in: a file path, or inline JSON / mapping
 
@@ -208,7 +209,7 @@ class ParallelConfig(Section):
 class DistillConfig(Section):
     """Knowledge distillation from a frozen teacher (DeiT); distvit/engine/distill.py implements it."""
 
-    kind: Literal["none", "hard", "soft"] = "none"
+    kind: Literal[DISTILL_KINDS] = "none"
     teacher: str | None = None  # a registered model name, e.g. regnety_160 or vit_digits
     teacher_checkpoint: str | None = None  # the teacher's weights (.safetensors / .pt), loaded strict
     alpha: float = 0.5  # weight of the distillation term; the label term gets 1 - alpha

@@ -52,16 +52,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from distvit.choices import SP_IMPLS
+from distvit.models.layers import Attention, DropPath, PatchEmbed, image_mask_to_tokens
+from distvit.models.vit import VisionTransformer
 from distvit.parallel import comm
 from distvit.parallel.hybrid import hybrid_attention, hybrid_groups
+from distvit.parallel.parallelize_packed import forward_packed as forward_packed_sp
 from distvit.parallel.sequence_parallel import (
     group_size, local_positions, ring_attention, ulysses_attention,
 )
-from distvit.models.layers import Attention, DropPath, PatchEmbed, image_mask_to_tokens
-from distvit.parallel.parallelize_packed import forward_packed as forward_packed_sp
-from distvit.models.vit import VisionTransformer
 
-IMPLS = ("ulysses", "ring", "hybrid")
+IMPLS = SP_IMPLS  # parallel.sp_impl
 GRAD_SYNCS = ("allreduce", "partial")
 
 
