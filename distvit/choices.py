@@ -5,7 +5,7 @@ a choice is one edit here plus its implementation. No imports: any module may us
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "math")  # distvit/attention/backends.py
 OPTIMIZERS = ("adamw", "lamb", "sgd")  # distvit/engine/optim.py
-LR_BASE_SCALES = ("linear", "sqrt")  # distvit/engine/lr_scale.py
+LR_BASE_SCALES = ("linear", "sqrt")  # distvit/config/resolve.py
 CLIP_MODES = ("norm", "value")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")  # distvit/engine/schedule.py
 ZERO_STAGES = (0, 1, 2, 3)

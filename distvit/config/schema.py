@@ -79,7 +79,7 @@ class OptimConfig(Section):
     name: Literal[OPTIMIZERS] = "adamw"
     lr: float = 1e-3  # peak learning rate
     # ... or the peak LR at a reference global batch, scaled to the run's (timm's --lr-base;
-    # distvit/engine/lr_scale.py): lr = lr_base * (global_batch / lr_base_size), or its sqrt.
+    # distvit/config/resolve.py): lr = lr_base * (global_batch / lr_base_size), or its sqrt.
     lr_base: float | None = None
     lr_base_size: int = 256
     lr_base_scale: Literal[LR_BASE_SCALES] = "linear"

@@ -24,7 +24,8 @@ from distvit.checkpoint import io as ckio
 from distvit.checkpoint import resume as ckresume
 from distvit.checkpoint import state as ckstate
 from distvit.config import Config, ConfigError, save_config
-from distvit.engine import faults, lr_scale, report
+from distvit.config.resolve import resolve
+from distvit.engine import faults, report
 from distvit.engine.build import Parts, build
 from distvit.engine.evaluation import evaluate_classifier
 from distvit.engine.loss import cross_entropy
@@ -56,7 +57,9 @@ class Trainer:
             local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or self.info.world_size)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
         self.mesh = ddist.Mesh.build(cfg.parallel.sp_size)
-        self.lr_line = lr_scale.apply(cfg, self.mesh.dp_size)  # optim.lr_base -> optim.lr for this world size
+        # The config as this run uses it (precision, lr from optim.lr_base): resolved once, read everywhere.
+        cfg, self.lr_line = resolve(cfg, dp_size=self.mesh.dp_size, device=self.device)
+        self.cfg = cfg
         self.rank = self.mesh.rank
         self.is_main = self.rank == 0
         if not self.is_main:  # the weights loader's notes (e.g. head re-initialised): one line per run, not per rank
