@@ -5,7 +5,7 @@ The measured layer is one ViT attention layer (distvit.models.layers.Attention: 
 attention, output projection) on hidden states (batch, tokens, dim), forward + backward:
 - single (sp = 1): the layer on all tokens, one process.
 - ulysses / ring (ours): each of sp ranks holds tokens / sp tokens; Attention.attend runs
-  distvit.attention.sequence_parallel.ulysses_attention / ring_attention.
+  distvit.parallel.sequence_parallel.ulysses_attention / ring_attention.
 - deepspeed_allgather (the peer): deepspeed.sequence.autosp_vit.UlyssesSPViTAttention around
   the same layer: it all-gathers the hidden states, runs the whole layer on all tokens on
   every rank, and keeps its slice.
@@ -93,7 +93,7 @@ def _layer(args):
 
 def _build(impl: str, tokens: int, group, args):
     """(module taking this rank's hidden states, layer whose weights it uses)."""
-    from distvit.models.parallelize import SequenceParallelPlan
+    from distvit.parallel.parallelize import SequenceParallelPlan
 
     layer = _layer(args)
     if impl == "single":
@@ -113,7 +113,7 @@ def _build(impl: str, tokens: int, group, args):
 def _measure(impl: str, tokens: int, rank: int, world: int, group, args) -> dict:
     import torch
 
-    from distvit.attention.sequence_parallel import shard_tokens
+    from distvit.parallel.sequence_parallel import shard_tokens
 
     x_full, g_full = _inputs(tokens, args)
     x = shard_tokens(x_full, 1, rank, world).clone().requires_grad_()

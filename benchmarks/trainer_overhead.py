@@ -56,7 +56,8 @@ def main() -> int:
     from distvit.config import load_config
     from distvit.data.write import write_digits
     from distvit.engine.optim import param_groups
-    from distvit.engine.trainer import Trainer, build_model, seed_all
+    from distvit.engine.build import build_model, seed_all
+    from distvit.engine.trainer import Trainer
     from distvit.engine.metrics import device_peak_tflops
     from distvit.engine.step_tuning import grad_norm
 

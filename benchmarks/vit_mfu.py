@@ -89,7 +89,8 @@ def main() -> int:
     from distvit.config import load_config
     from distvit.data.write import write_digits
     from distvit.engine.metrics import device_peak_tflops
-    from distvit.engine.trainer import Trainer, build_model, seed_all
+    from distvit.engine.build import build_model, seed_all
+    from distvit.engine.trainer import Trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="distvit-mfu-"))
     write_digits(tmp / "digits")  # the Trainer builds its loaders from shards; batches are fed directly

@@ -42,7 +42,13 @@ def _train(argv: list[str] | None) -> int:
 
     args = train_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    if args.print_config:
+    if args.print_config:  # as this launch would run it: world size from the launcher's environment
+        from distvit.config.resolve import resolve
+        from distvit.parallel import mesh as ddist
+
+        info = ddist.discover()
+        device = ddist.pick_device(cfg.run.device, info.local_rank)
+        cfg, _ = resolve(cfg, dp_size=max(1, info.world_size // cfg.parallel.sp_size), device=device)
         print(cfg.to_yaml(), end="")
         return 0
     from distvit.engine.trainer import Trainer
@@ -51,7 +57,7 @@ def _train(argv: list[str] | None) -> int:
     summary = trainer.fit()
     if trainer.is_main and not summary.get("nothing_to_train"):  # else the trainer said so in one line
         print_summary(summary)
-    from distvit import dist as ddist
+    from distvit.parallel import mesh as ddist
 
     ddist.destroy()
     return 0 if summary["status"] in ("finished", "preempted") else 1

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distvit.models.causal_vit import vit_causal_digits
-from distvit.models.parallelize_causal import parallelize_causal
+from distvit.parallel.parallelize_causal import parallelize_causal
 from test_sequence_parallel import _free_port, _mesh_groups
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -139,7 +139,7 @@ def test_parallelize_causal_errors_name_the_value():
 
 def _causal_pairs_per_rank(layout: str, seq_len: int, world: int) -> list[int]:
     """(query, key) products each rank's ring attention computes under the causal mask."""
-    from distvit.attention.sequence_parallel import _ring_tasks, padded_length
+    from distvit.parallel.sequence_parallel import _ring_tasks, padded_length
 
     local = padded_length(seq_len, world, layout) // world
     pairs = []

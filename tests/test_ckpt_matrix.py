@@ -134,7 +134,7 @@ def test_zero3_with_sequence_parallel_trains_like_one_process(digits_dir, tmp_pa
 def test_refused_combinations_are_one_line(sets, expected):
     """The cells the matrix leaves out are refused before any rank starts training, in one line."""
     from distvit.config import ConfigError, load_config
-    from distvit.engine.deepspeed_config import build_ds_config
+    from distvit.parallel.deepspeed_config import build_ds_config
 
     with pytest.raises(ConfigError) as info:
         build_ds_config(load_config("demo_digits", sets), torch.device("cpu"))

@@ -179,7 +179,7 @@ def adamw_reference(cfg, weights: dict, universal_dir: Path, step: int, epoch: i
     from distvit.data import build_train_loader
     from distvit.engine.optim import param_groups
     from distvit.engine.schedule import build_scheduler
-    from distvit.engine.trainer import build_model
+    from distvit.engine.build import build_model
 
     model = build_model(cfg)
     model.load_state_dict(weights)

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distvit.attention.decode import decode_attention, decode_attention_sp
+from distvit.attention.decode import decode_attention
+from distvit.parallel.decode_sp import decode_attention_sp
 from distvit.attention.merge import merge_partials
 
 CAPACITY = 240

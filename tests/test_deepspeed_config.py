@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distvit.config import ConfigError, load_config
-from distvit.engine.deepspeed_config import DEEPSPEED_SUB_GROUP_SIZE, build_ds_config
+from distvit.parallel.deepspeed_config import DEEPSPEED_SUB_GROUP_SIZE, build_ds_config
 
 CPU = torch.device("cpu")
 

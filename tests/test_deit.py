@@ -273,7 +273,7 @@ def distill_reference_run(cfg, teacher, steps: int, dp_size: int = 2):
     from distvit.data import build_train_loader
     from distvit.engine.optim import param_groups
     from distvit.engine.schedule import build_scheduler
-    from distvit.engine.trainer import build_model, seed_all
+    from distvit.engine.build import build_model, seed_all
 
     seed_all(cfg.run.seed)
     model = build_model(cfg)

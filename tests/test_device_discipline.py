@@ -1,4 +1,4 @@
-"""Every collective distvit issues runs on its group's communication device (distvit/comm.py), and
+"""Every collective distvit issues runs on its group's communication device (distvit/parallel/comm.py), and
 the per-step host sync is gone (distvit/engine/step_sync.py).
 
 The multi-rank test runs the trainer's collective paths against a group whose only backend is bound
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distvit import comm
+from distvit.parallel import comm
 from trainer_helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,14 +57,14 @@ def test_rule_refuses_a_group_for_devices_this_process_lacks_in_one_line():
 
 
 def test_no_direct_collectives_outside_the_seam_in_the_trainer_paths():
-    """The trainer and the start-up broadcast issue collectives only through distvit.comm."""
+    """The trainer and the start-up broadcast issue collectives only through distvit.parallel.comm."""
     direct = re.compile(r"\bdist\.(all_reduce|broadcast|all_gather|reduce_scatter|reduce)\(")
     trainer = (ROOT / "distvit/engine/trainer.py").read_text()
     assert not direct.findall(trainer)
     for path in ("distvit/engine/step_sync.py", "distvit/engine/step_tuning.py"):
         assert not direct.findall((ROOT / path).read_text()), path
-    par = (ROOT / "distvit/models/parallelize.py").read_text()
-    body = par[par.index("def _broadcast_parameters"):par.index("def _global_rank")]
+    par = (ROOT / "distvit/parallel/parallelize.py").read_text()
+    body = par[par.index("def broadcast_parameters"):par.index("def _global_rank")]
     assert not direct.findall(body) and "comm.broadcast_many" in body
 
 
@@ -127,7 +127,7 @@ def _worker(rank: int, world: int, port: int, out: str, on_gpu: bool = False) ->
 def _trainer_paths(rank: int, world: int, device: torch.device) -> dict:
     from distvit.engine.step_sync import StepSync
     from distvit.engine.trainer import Trainer
-    from distvit.models.parallelize import _broadcast_parameters
+    from distvit.parallel.parallelize import broadcast_parameters
 
     out = {}
     # 1. the eval totals (Trainer.evaluate, unchanged code path, on a stand-in trainer)
@@ -156,7 +156,7 @@ def _trainer_paths(rank: int, world: int, device: torch.device) -> dict:
     # 3. sp's start-up broadcast of CPU parameters (before the engine exists; on the GPU they go up and back)
     torch.manual_seed(100 + rank)  # each rank initialises differently
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7))
-    _broadcast_parameters(model, SimpleNamespace(group=None))
+    broadcast_parameters(model, SimpleNamespace(group=None))
     out["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
     return out
 

@@ -79,7 +79,7 @@ def test_config_key_reaches_the_model(tmp_path, digits_dir):
     from safetensors.torch import save_file
 
     from distvit.config import load_config
-    from distvit.engine.trainer import build_model
+    from distvit.engine.build import build_model
 
     src = models.create("vit_digits", num_classes=10, img_size=8, in_chans=1)
     path = tmp_path / "w.safetensors"

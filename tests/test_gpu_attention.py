@@ -23,7 +23,7 @@ from gpu_helpers import DEVICES, rank_env, spawn
 from distvit import models
 from distvit.attention import attention
 from distvit.attention import backends as ab
-from distvit.attention.sequence_parallel import ring_attention, shard_tokens, ulysses_attention, unshard_tokens
+from distvit.parallel.sequence_parallel import ring_attention, shard_tokens, ulysses_attention, unshard_tokens
 
 LOW = {"cpu": torch.float32, "cuda": torch.bfloat16}  # the dtype each device trains in
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}  # relative to the largest reference value

@@ -195,7 +195,7 @@ def test_param_offload_to_cpu_is_refused_in_one_line(offload_runs):
 
 def test_param_offload_to_cpu_is_refused_at_config_time(tmp_path):
     from distvit.config import ConfigError, load_config
-    from distvit.engine.deepspeed_config import build_ds_config
+    from distvit.parallel.deepspeed_config import build_ds_config
 
     extra = tmp_path / "ds.json"
     extra.write_text(json.dumps({"zero_optimization": {"offload_param": {"device": "cpu"}}}))

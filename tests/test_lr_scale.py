@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from distvit.config import ConfigError, load_config
-from distvit.engine.lr_scale import apply, resolve_lr
+from distvit.config.resolve import apply, resolve_lr
 from trainer_helpers import ROOT, launch, read_metrics
 
 
@@ -47,3 +47,26 @@ def test_two_ranks_train_at_the_scaled_lr_and_the_banner_says_so(digits_dir, tmp
     # global batch 32 x 2 ranks = 64 -> 1e-3 * 64 / 16
     assert "lr 0.004 = optim.lr_base 0.001 x 64/16 (linear scaling to global batch 64)" in proc.stdout
     assert [float(r["lr"]) for r in read_metrics(tmp_path / "lrb")] == pytest.approx([4e-3, 4e-3])
+
+
+def test_resolve_makes_precision_and_lr_concrete_and_leaves_the_input_alone():
+    import torch
+
+    from distvit.config.resolve import resolve
+
+    given = _cfg("optim.lr_base=1e-3", "data.batch_size=32")
+    cfg, line = resolve(given, dp_size=4, device=torch.device("cpu"))  # global batch 128
+    assert cfg.optim.lr == pytest.approx(5e-4) and cfg.optim.lr_base is None
+    assert cfg.parallel.precision == "fp32" and given.parallel.precision == "auto"  # auto on the CPU
+    assert given.optim.lr_base == 1e-3 and "lr" not in given.optim.model_fields_set
+    assert line.startswith("lr 0.0005 = optim.lr_base 0.001 x 128/256")
+    again, _ = resolve(load_config_from_yaml(cfg.to_yaml()), dp_size=4, device=torch.device("cpu"))
+    assert again == cfg  # what --print-config prints (and the run folder keeps) loads and resolves to itself
+
+
+def load_config_from_yaml(text: str):
+    import yaml
+
+    from distvit.config import Config
+
+    return Config.model_validate(yaml.safe_load(text))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distvit import dist as ddist
+from distvit.parallel import mesh as ddist
 from ops.harness import mpi_env, mpirun_cmd, require_ops_tools, run, train_args
 from trainer_helpers import ROOT, launch, load_weights, losses, summary
 

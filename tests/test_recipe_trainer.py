@@ -42,7 +42,7 @@ def recipe_reference(cfg, steps: int, dp_size: int = 2):
     from distvit.engine.loss import cross_entropy
     from distvit.engine.optim import build_optimizer, freeze_parameters
     from distvit.engine.schedule import build_scheduler
-    from distvit.engine.trainer import build_model, seed_all
+    from distvit.engine.build import build_model, seed_all
 
     seed_all(cfg.run.seed)
     model = build_model(cfg)
@@ -92,7 +92,7 @@ def test_recipe_equals_single_process_reference(digits_dir, tmp_path, stage, off
     for k, ref in ref_state.items():
         torch.testing.assert_close(got[k], ref.float(), rtol=1e-4, atol=2e-5, msg=lambda m: f"{name} {k}: {m}")
     init = load_weights(tmp_path / name / "model.safetensors")  # frozen weights never moved from init
-    from distvit.engine.trainer import build_model, seed_all
+    from distvit.engine.build import build_model, seed_all
 
     seed_all(cfg.run.seed)
     fresh = build_model(cfg).state_dict()

@@ -51,6 +51,12 @@ def test_print_config_of_a_recipe():
     printed = yaml.safe_load(out.stdout)
     assert printed["data"]["auto_augment"] == "rand-m9-mstd0.5-inc1" and printed["data"]["mixup"] == 0.8
     assert printed["optim"]["label_smoothing"] == 0.1 and printed["model"]["drop_path_rate"] == 0.1
+    # Resolved for this launch (one process, CPU): the lr from lr_base at its global batch, a concrete precision.
+    cfg = load_config("recipes/deit_small_imagenet")
+    global_batch = cfg.data.batch_size * cfg.parallel.grad_accum
+    assert printed["optim"]["lr"] == pytest.approx(cfg.optim.lr_base * global_batch / cfg.optim.lr_base_size)
+    assert printed["optim"]["lr_base"] is None
+    assert printed["parallel"]["precision"] == ("fp32" if cfg.parallel.precision == "auto" else cfg.parallel.precision)
 
 
 PUBLISHED_LR = {  # recipe: the peak LR its source uses at its own global batch
@@ -63,7 +69,7 @@ PUBLISHED_LR = {  # recipe: the peak LR its source uses at its own global batch
 def test_recipe_lr_follows_the_global_batch(path):
     """Recipes give optim.lr_base at a reference batch: at the published global batch (8 GPUs) the
     resolved LR is the published one, and it scales linearly on 16 GPUs with the per-GPU batch kept."""
-    from distvit.engine.lr_scale import resolve_lr
+    from distvit.config.resolve import resolve_lr
 
     cfg = load_config(path)
     assert cfg.optim.lr_base is not None and "lr" not in cfg.optim.model_fields_set

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distvit.attention.backends import attention
-from distvit.attention.sequence_parallel import (
+from distvit.parallel.sequence_parallel import (
     gather_tokens, local_positions, padded_length, ring_attention, shard_tokens, ulysses_attention, unshard_tokens,
     zigzag_shard, zigzag_unshard,
 )
@@ -73,7 +73,7 @@ def test_single_process_calls_equal_plain_attention_and_drop_padding():
 
 
 def test_parallelize_sequence_rejects_what_it_cannot_shard():
-    from distvit.models.parallelize import parallelize_sequence
+    from distvit.parallel.parallelize import parallelize_sequence
 
     with pytest.raises(TypeError, match="got a Linear; token sharding is implemented for "
                                         "distvit.models.vit.VisionTransformer"):
@@ -253,7 +253,7 @@ def _vit_batch(seed: int):
 
 
 def _vit_worker(rank, world, sp, port, out_dir):
-    from distvit.models.parallelize import parallelize_sequence
+    from distvit.parallel.parallelize import parallelize_sequence
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -352,8 +352,8 @@ def _deepspeed_worker(rank, world, sp, port, out_dir):
                       MASTER_PORT=str(port))
     import deepspeed
 
-    from distvit.dist import Mesh
-    from distvit.models.parallelize import deepspeed_mpu, parallelize_sequence
+    from distvit.parallel.mesh import Mesh
+    from distvit.parallel.parallelize import deepspeed_mpu, parallelize_sequence
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distvit import dist as ddist
+from distvit.parallel import mesh as ddist
 from ops.harness import file_text, is_root, sbatch, slurm, slurm_env, train_args, wait_job
 from trainer_helpers import ROOT, load_weights, losses, read_metrics, summary
 

@@ -16,9 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distvit.attention.backends import attention
-from distvit.attention.hybrid import hybrid_attention, hybrid_groups
+from distvit.parallel.hybrid import hybrid_attention, hybrid_groups
 from distvit.attention.packed import ring_pieces
-from distvit.attention.sequence_parallel import ring_attention, shard_tokens, ulysses_attention, unshard_tokens
+from distvit.parallel.sequence_parallel import ring_attention, shard_tokens, ulysses_attention, unshard_tokens
 from distvit.data.packing import pack
 from test_sequence_parallel import _free_port, _mesh_groups
 
@@ -146,7 +146,7 @@ def _packed():
 
 
 def _vit_worker(rank, world, port, out_dir):
-    from distvit.models.parallelize import parallelize_sequence
+    from distvit.parallel.parallelize import parallelize_sequence
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distvit.config import load_config
-from distvit.engine.deepspeed_config import build_ds_config
+from distvit.parallel.deepspeed_config import build_ds_config
 from test_trainer import STEPS, base_args
 from trainer_helpers import launch, load_weights, losses, reference_run
 

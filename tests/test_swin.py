@@ -17,8 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from distvit import models
 from distvit.attention.backends import resolve_backend
 from distvit.models import load_checkpoint
-from distvit.models.swin import (SwinBlock, WindowAttention, resize_relative_position_bias_table,
-                                 shifted_window_mask, window_partition, window_reverse)
+from distvit.models.swin import SwinBlock, WindowAttention
+from distvit.models.swin_windows import (resize_relative_position_bias_table,
+                                          shifted_window_mask, window_partition, window_reverse)
 from test_models import randomize_
 
 # The counts timm reports at 1000 classes (issue 10).

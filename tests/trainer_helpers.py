@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
-    from distvit.dist import free_port as fp
+    from distvit.parallel.mesh import free_port as fp
 
     return fp()
 
@@ -79,7 +79,7 @@ def reference_run(cfg, steps: int, dp_size: int = 2):
     from distvit.data import build_train_loader
     from distvit.engine.optim import param_groups
     from distvit.engine.schedule import build_scheduler
-    from distvit.engine.trainer import build_model, seed_all
+    from distvit.engine.build import build_model, seed_all
 
     seed_all(cfg.run.seed)
     model = build_model(cfg)

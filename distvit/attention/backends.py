@@ -42,7 +42,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "math")
+from distvit.choices import ATTENTION_BACKENDS  # model.attn_backend is typed with it
+
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256
 FLASH_INSTALL_HINT = "pip install 'distvit[flash]'"

@@ -15,7 +15,6 @@ attention computes only those, so blocks the mask leaves empty are skipped.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from distvit.attention import backends as B
 
@@ -133,18 +132,3 @@ def ring_pieces(all_ids: torch.Tensor, rank: int) -> list[list[tuple]]:
     batches = [(slice(None), 0)] if same else [(slice(b, b + 1), b) for b in range(rows)]
     return [[(bsl, *piece, False) for bsl, b in batches for piece in segment_pieces(all_ids[rank, b], all_ids[src, b])]
             for src in range(all_ids.shape[0])]
-
-
-def _world(group) -> int:
-    return dist.get_world_size(group) if dist.is_initialized() else 1
-
-
-def gather_ids(seq_ids, q, group, stack: bool = False) -> torch.Tensor:
-    """Every rank's segment ids (1 or B, T_local) gathered over `group`: concatenated along the tokens
-    (the gathered sequence of Ulysses), or stacked (world, 1 or B, T_local) with stack=True."""
-    ids = check_ids(q, q, seq_ids, None)[0].contiguous()
-    if _world(group) == 1:
-        return ids[None] if stack else ids
-    parts = [torch.empty_like(ids) for _ in range(_world(group))]
-    dist.all_gather(parts, ids, group=group)
-    return torch.stack(parts) if stack else torch.cat(parts, dim=1)

@@ -73,7 +73,8 @@ def _apply(trainer, tag_dir: Path, state: dict) -> None:
         trainer.ema.load_state_dict(state["ema"])
     meta = ckio.read_meta(tag_dir)
     if is_reshaped(meta):
-        from distvit.engine.trainer import log0, seed_all
+        from distvit.engine.build import seed_all
+        from distvit.parallel.mesh import log0
 
         # The data cursor and RNG streams belonged to the old layout (see checkpoint/reshape.py).
         seed_all(trainer.cfg.run.seed + 1_000_003 * trainer.step + trainer.rank)
@@ -139,6 +140,6 @@ def clear_stale(trainer, tag_dir: Path, log) -> None:
         if trainer.is_main:
             log(f"replacing {tag_dir}: it was not written by this run (a checkpoint the resume passed over)")
             shutil.rmtree(tag_dir, ignore_errors=True)
-        from distvit import dist as ddist
+        from distvit.parallel import mesh as ddist
 
         ddist.barrier()

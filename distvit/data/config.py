@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from distvit.choices import ERASE_MODES, INTERPOLATIONS, MIXUP_MODES, MP_CONTEXTS, ON_ERROR, SHARD_SPLITS
+
 # Used when neither the config nor the dataset.json manifest gives statistics.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,35 +43,35 @@ class DataConfig(BaseModel):
     #            once per epoch whatever the shard count (except the drop_last tail).
     # "shards":  whole shards round-robin (webdataset's split_by_node/split_by_worker); each share
     #            is then cut or wrapped to the same number of batches.
-    shard_split: Literal["samples", "shards"] = "samples"
+    shard_split: Literal[SHARD_SPLITS] = "samples"
     drop_last: bool = True  # False: the last global batch is completed with samples from the epoch start
 
     train_crop_scale: list[float] = [0.6, 1.0]  # random resized crop: area fraction range
     train_crop_ratio: list[float] = [0.75, 1.3333333333333333]  # ... and aspect ratio range
     hflip: float = 0.0  # probability of a horizontal flip
     eval_crop_pct: float = 1.0  # eval: resize the short side to img_size / eval_crop_pct, center crop
-    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    interpolation: Literal[INTERPOLATIONS] = "bilinear"
 
     # Training recipes (timm's names; distvit/data/augment.py, distvit/data/mixup.py, docs/recipes.md).
     auto_augment: str | None = None  # "rand-m9-mstd0.5-inc1", "augmix-m3-w3", "3a", "trivialaugment"
     color_jitter: float | list[float] | None = None  # factor range 1 +- x; off when auto_augment is on (timm)
     three_augment: bool = False  # DeiT III: one of grayscale / solarize / blur per image
     reprob: float = 0.0  # random erasing probability (on the normalized image)
-    remode: Literal["const", "rand", "pixel"] = "pixel"
+    remode: Literal[ERASE_MODES] = "pixel"
     mixup: float = 0.0  # mixup Beta alpha; > 0 turns it on
     cutmix: float = 0.0  # cutmix Beta alpha; > 0 turns it on
     mixup_prob: float = 1.0  # probability of mixing a batch (element / pair in those modes)
     mixup_switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup
-    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+    mixup_mode: Literal[MIXUP_MODES] = "batch"
     repeated_aug: int = 1  # DeiT's RASampler: each sample seen this many times per epoch, on different ranks
 
-    on_error: Literal["raise", "skip"] = "skip"  # bad tar / image / label: stop, or warn, count and go on
+    on_error: Literal[ON_ERROR] = "skip"  # bad tar / image / label: stop, or warn, count and go on
     max_logged_errors: int = 20  # per worker and epoch; the rest are counted only
 
     pin_memory: bool | None = None  # None: on when CUDA is available
     prefetch_factor: int = 2  # batches each worker prepares ahead
     worker_timeout_s: float = 300.0  # a worker silent this long is an error, not a hang (0: wait forever)
-    mp_context: Literal["fork", "spawn", "forkserver"] | None = None  # None: torch's default
+    mp_context: Literal[MP_CONTEXTS] | None = None  # None: torch's default
 
     @field_validator("batch_size", "img_size", "shuffle_buffer", "prefetch_factor")
     @classmethod

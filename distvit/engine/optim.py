@@ -26,6 +26,7 @@ import re
 import torch
 
 from distvit.config import Config, ConfigError
+from distvit.parallel import deepspeed_optim
 
 
 def _no_decay(name: str, p: torch.Tensor, skip: set[str]) -> bool:
@@ -130,16 +131,9 @@ def _make(groups, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
         return Lamb(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     if cfg.parallel.offload != "none":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        return deepspeed_optim.cpu_adamw(groups, **kwargs)
     if device.type == "cuda":
-        try:
-            from deepspeed.ops.adam import FusedAdam
-
-            return FusedAdam(groups, adam_w_mode=True, **kwargs)
-        except Exception:  # kernel could not be built here: torch's fused AdamW is as fast
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        return deepspeed_optim.fused_adamw(groups, **kwargs)
     # ZeRO 1-2 hand the optimizer flat partitions: the for-loop makes ~7 passes over one huge tensor
     # (32 ms for ViT-Ti's 5.7M on one CPU thread), torch's fused CPU kernel one (6 ms).
     if cfg.parallel.zero_stage >= 1:

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from distvit.choices import SCHEDULES
+
 
 def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, kind: str, min_ratio: float,
                   decay_fraction: float = 0.1) -> float:
@@ -32,7 +34,7 @@ def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, kind: str, 
     elif kind == "linear":
         shape = 1.0 - progress
     else:
-        raise ValueError(f"schedule.kind={kind!r}: expected cosine, linear, constant or wsd")
+        raise ValueError(f"schedule.kind={kind!r}: expected one of {', '.join(SCHEDULES)}")
     return min_ratio + (1.0 - min_ratio) * shape
 
 

@@ -3,7 +3,7 @@
 Each optimizer step hands its micro-batch losses (device scalars, no copy, no sync) to
 `StepSync.add`. On a *read step* (log, eval and save steps and the last step; `Trainer.fit` decides)
 `StepSync.read` packs what the host needs into one small device tensor and all-reduces it over all
-ranks in one collective (through distvit.comm, on the group's device):
+ranks in one collective (through distvit.parallel.comm, on the group's device):
 
     [last step's loss (sp rank 0 of each dp replica), non-finite losses in the window (every rank),
      preemption requested (every rank), bad samples (sp rank 0)]
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distvit import comm
+from distvit.parallel import comm
 
 
 @dataclass(frozen=True)

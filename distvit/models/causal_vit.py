@@ -10,7 +10,7 @@ Incremental decoding keeps a preallocated KV cache (KVCache) and attends the new
 it with distvit.attention.decode.decode_attention; feeding the patches of an image one at a
 time gives the same predictions as the full causal forward (tests/test_causal_vit.py).
 
-Pure PyTorch: no torch.distributed here (sequence parallelism: models/parallelize_causal.py).
+Pure PyTorch: no torch.distributed here (sequence parallelism: parallel/parallelize_causal.py).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ of its patch tokens, by the model's global_pool.
 
 So `forward_packed(pack(imgs))[i]` equals `model(imgs[i][None])[0]` (a model built with
 dynamic_img_size=True for sizes other than its own) up to float rounding. Sequence-parallel
-models (distvit.models.parallelize) reuse `token_layout`, `embed` and `pool` on their share of
+models (distvit.parallel.parallelize) reuse `token_layout`, `embed` and `pool` on their share of
 the tokens. Pure PyTorch.
 """
 from __future__ import annotations

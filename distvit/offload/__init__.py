@@ -2,7 +2,7 @@
 
 One public face:
     Settings   the mode (none | cpu | partial | interleaved) and its knobs; `Settings.ds_fragment`
-               is the only place a mode becomes DeepSpeed config (engine/deepspeed_config.py calls it)
+               is the only place a mode becomes DeepSpeed config (parallel/deepspeed_config.py calls it)
     enable     install interleaved offload on a ZeRO-3 + CPU-offload engine; returns the handle
     stats      a handle's numbers for the metrics row (metrics.csv), {} without interleaved offload
 Everything else (`_model`, `_schedule`, `_replan`, `_backend`, `_kernels`, `_calibrate`) is private.

@@ -1,17 +1,17 @@
 """`OffloadSettings` (exported as `distvit.offload.Settings`): the offload mode and its knobs, in one place.
 
-Torch-free on purpose: `distvit.config` imports `MODES` from here, so the allowed values of
-`parallel.offload` are the ones this package dispatches on.
+Torch-free on purpose. MODES is distvit.choices.OFFLOAD_MODES, the tuple `parallel.offload` is
+typed with, so the allowed values are the ones this package dispatches on.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from distvit.choices import OFFLOAD_MODES as MODES
 from distvit.offload._model import Fraction
 
-MODES = ("none", "cpu", "partial", "interleaved")
-Mode = Literal["none", "cpu", "partial", "interleaved"]
+Mode = Literal[MODES]
 KERNELS = ("auto", "torch", "cpu_adam")
 
 

@@ -180,7 +180,7 @@ def mpirun_cmd(nproc: int, *, env_names: tuple[str, ...] = ()) -> list[str]:
 
 def mpi_env(**extra) -> dict:
     env = run_env(MASTER_PORT=free_port(), GLOO_SOCKET_IFNAME="lo", **extra)
-    env.pop("MASTER_ADDR", None)  # agreed between the ranks by distvit.dist, not given
+    env.pop("MASTER_ADDR", None)  # agreed between the ranks by distvit.parallel.mesh, not given
     env.pop("LOCAL_RANK", None)
     return env
 

@@ -8,7 +8,7 @@ The model file stays pure PyTorch; this module rewires an existing VisionTransfo
 
 - Tokens. The sequence is [class token, patch 0, ..., patch N-1] (T = prefix + N tokens). Rank r
   of sp holds the tokens of the sequence-parallel layout (contiguous: [r*T_pad/sp, (r+1)*T_pad/sp),
-  see distvit.attention.sequence_parallel). The class token therefore lives on rank 0 only, as
+  see distvit.parallel.sequence_parallel). The class token therefore lives on rank 0 only, as
   the first token of its shard; it is not replicated (a replicated class token would be a key
   on every rank and be counted sp times). When sp does not divide T, the sequence is padded at
   its end with zero tokens that are never attended as keys and never pooled.
@@ -52,16 +52,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from distvit import comm
-from distvit.attention.hybrid import hybrid_attention, hybrid_groups
-from distvit.attention.sequence_parallel import (
+from distvit.choices import SP_IMPLS
+from distvit.models.layers import Attention, DropPath, PatchEmbed, image_mask_to_tokens
+from distvit.models.vit import VisionTransformer
+from distvit.parallel import comm
+from distvit.parallel.hybrid import hybrid_attention, hybrid_groups
+from distvit.parallel.parallelize_packed import forward_packed as forward_packed_sp
+from distvit.parallel.sequence_parallel import (
     group_size, local_positions, ring_attention, ulysses_attention,
 )
-from distvit.models.layers import Attention, DropPath, PatchEmbed, image_mask_to_tokens
-from distvit.models.parallelize_packed import forward_packed as forward_packed_sp
-from distvit.models.vit import VisionTransformer
 
-IMPLS = ("ulysses", "ring", "hybrid")
+IMPLS = SP_IMPLS  # parallel.sp_impl
 GRAD_SYNCS = ("allreduce", "partial")
 
 
@@ -88,10 +89,10 @@ def parallelize_sequence(model: nn.Module, mesh_or_group=None, impl: str = "ulys
                          grad_sync: str = "allreduce", ulysses_size: int | None = None) -> nn.Module:
     """Split `model`'s tokens over an sp group, in place; returns the model.
 
-    mesh_or_group: a distvit.dist.Mesh (its sp_group is used), a process group, or None (the
+    mesh_or_group: a distvit.parallel.mesh.Mesh (its sp_group is used), a process group, or None (the
     whole world). impl: "ulysses" (all-to-all; heads must divide by sp), "ring" (any head
     count) or "hybrid" (Ulysses in groups of ulysses_size ranks, ring across them; heads must
-    divide by ulysses_size; collective over the whole job, see attention/hybrid.py). layout: the
+    divide by ulysses_size; collective over the whole job, see parallel/hybrid.py). layout: the
     ring's token layout ("contiguous" or "zigzag"; Ulysses is contiguous).
     grad_sync: "allreduce" or "partial", see the module doc. With sp = 1 nothing changes.
     Every sp rank must call this on the same model, before the optimizer or DeepSpeed sees it.
@@ -123,9 +124,9 @@ def parallelize_sequence(model: nn.Module, mesh_or_group=None, impl: str = "ulys
             raise ValueError(f"parallelize_sequence: parallel.ulysses_size={ulysses_size} does not divide the model's "
                              f"{model.num_heads} attention heads; use a divisor of {model.num_heads} that divides sp")
         plan.hybrid = hybrid_groups(group, ulysses_size)
-    _broadcast_parameters(model, plan)
+    broadcast_parameters(model, plan)
     for blk in model.blocks:
-        blk.attn.attend = _SequenceParallelAttend(blk.attn, plan, model)
+        blk.attn.attend = SequenceParallelAttend(blk.attn, plan, model)
         for name in ("drop_path1", "drop_path2"):
             if isinstance(getattr(blk, name), DropPath):
                 setattr(blk, name, _GroupSharedDropPath(getattr(blk, name).drop_prob, plan))
@@ -155,9 +156,9 @@ def _check_model(model) -> None:
 # --- replicas and gradients ---------------------------------------------------------------------
 
 
-def _broadcast_parameters(model, plan) -> None:
+def broadcast_parameters(model, plan) -> None:
     """Make the replicas identical over the sp group (sp rank 0's values), whatever each rank initialised."""
-    # Runs before DeepSpeed moves the model: CPU tensors, which distvit.comm takes to the group's
+    # Runs before DeepSpeed moves the model: CPU tensors, which distvit.parallel.comm takes to the group's
     # device (CUDA under NCCL) in a few flat buckets and back.
     with torch.no_grad():
         comm.broadcast_many([t.data for t in list(model.parameters()) + list(model.buffers())],
@@ -178,7 +179,7 @@ def _token_and_head_parameters(model):
     other = [n for n, p in model.named_parameters() if id(p) not in seen]
     if other:
         raise TypeError(f"parallelize_sequence: parameters {other} are neither on the token path nor after the "
-                        "pooling; teach distvit/models/parallelize.py where they are used")
+                        "pooling; teach distvit/parallel/parallelize.py where they are used")
     return token, head
 
 
@@ -274,7 +275,7 @@ class _SequenceDataParallelMPU(_DataParallelOnlyMPU):
 def deepspeed_mpu(mesh, grad_sync: str = "allreduce"):
     """The `mpu` for deepspeed.initialize that matches parallelize_sequence(..., grad_sync=grad_sync).
 
-    mesh: a distvit.dist.Mesh (dp_group, sp_group, dp/sp sizes and ranks; rank = dp_rank * sp +
+    mesh: a distvit.parallel.mesh.Mesh (dp_group, sp_group, dp/sp sizes and ranks; rank = dp_rank * sp +
     sp_rank, its world is the whole job). Collective for "partial" (it creates one single-rank
     group per rank): call it on every rank.
     """
@@ -293,7 +294,7 @@ def deepspeed_mpu(mesh, grad_sync: str = "allreduce"):
     return _SequenceDataParallelMPU(mesh, alone)
 
 
-class _SumReplicated(torch.autograd.Function):
+class SumReplicated(torch.autograd.Function):
     """All-reduce (sum) whose result feeds identical computations on every rank: backward is the identity."""
 
     @staticmethod
@@ -310,7 +311,7 @@ class _SumReplicated(torch.autograd.Function):
 # --- attention, randomness ---------------------------------------------------------------------
 
 
-class _SequenceParallelAttend:
+class SequenceParallelAttend:
     """Replaces Attention.attend: same signature, attention over the whole sharded sequence.
 
     Reads causal, scale and the backend from the Attention module at call time, so
@@ -414,7 +415,7 @@ class SequenceParallelViT:
         return self.forward_blocks(self._local_tokens(images))
 
     def forward_packed(self, packed) -> torch.Tensor:
-        return forward_packed_sp(self, packed, _SumReplicated.apply)
+        return forward_packed_sp(self, packed, SumReplicated.apply)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         plan = self.sequence_parallel
@@ -423,11 +424,11 @@ class SequenceParallelViT:
         if self.global_pool == "avg":
             patch = ((positions >= prefix) & (positions < seq_len)).to(x.dtype)
             local = (x * patch[None, :, None]).sum(dim=1)
-            pooled = _SumReplicated.apply(local, plan.group) / (seq_len - prefix)
+            pooled = SumReplicated.apply(local, plan.group) / (seq_len - prefix)
         else:
             # The class token is global position 0: local token 0 of sp rank 0.
             holds = (positions[0] == 0).to(x.dtype)
-            pooled = _SumReplicated.apply(x[:, 0] * holds, plan.group)
+            pooled = SumReplicated.apply(x[:, 0] * holds, plan.group)
         x = self.head_drop(self.fc_norm(pooled))
         return x if pre_logits else self.head(x)
 

@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from distvit.attention.backends import attention
 from distvit.attention.merge import merge_two
-from distvit.attention.packed import gather_ids, ring_pieces
+from distvit.attention.packed import check_ids, ring_pieces
 from distvit.attention.ring_kernels import _piece_backward, _piece_forward
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -148,6 +148,17 @@ def gather_tokens(x: torch.Tensor, dim: int, group=None, *, seq_len: int | None 
 def group_size(group=None) -> int:
     """Ranks in `group`; 1 when torch.distributed is not initialised (a single process)."""
     return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def gather_ids(seq_ids, q, group, stack: bool = False) -> torch.Tensor:
+    """Every rank's segment ids (1 or B, T_local) gathered over `group`: concatenated along the tokens
+    (the gathered sequence of Ulysses), or stacked (world, 1 or B, T_local) with stack=True."""
+    ids = check_ids(q, q, seq_ids, None)[0].contiguous()
+    if group_size(group) == 1:
+        return ids[None] if stack else ids
+    parts = [torch.empty_like(ids) for _ in range(group_size(group))]
+    dist.all_gather(parts, ids, group=group)
+    return torch.stack(parts) if stack else torch.cat(parts, dim=1)
 
 
 def _check_layout(layout: str) -> None:

@@ -1,35 +1,21 @@
-"""The run's configuration: one typed tree, loaded from YAML, overridden from the command line.
-
-    cfg = load_config("configs/demo_digits.yaml", overrides=["optim.lr=3e-3", "run.name=try2"])
-
-A YAML file may inherit from other files with a top-level `base:` (a path relative to the file,
-or the name of a shipped config such as `demo_digits`, or a list of them, merged in order, the
-file itself last). `--set section.key=value` values are
-parsed as YAML scalars (`1e-3`, `true`, `[1, 2]`, `null`) and then validated against the field's
-type by pydantic. Every error is one line naming the bad key, where it came from (file or flag)
-and the fix; unknown keys get a difflib suggestion.
-
-Each section is a pydantic model with `extra="forbid"`; the data section belongs to the data
-package (`distvit.data.config.DataConfig`). Runtime objects (process groups, engines) are never
-stored here: the tree flows one way, into the trainer.
+"""The config's schema: one pydantic section per concern, `extra="forbid"`, every one-key rule
+as a validator. The data section belongs to the data package (distvit.data.config.DataConfig);
+allowed values come from distvit.choices. Loading, overrides and error texts: load.py; rules
+across sections: checks.py; the public face: distvit.config.
 """
 from __future__ import annotations
 
-import difflib
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from distvit.choices import (ATTENTION_BACKENDS, CLIP_MODES, DEVICES, DISTILL_KINDS, LR_BASE_SCALES, OFFLOAD_MODES,
+                             OPTIMIZERS, PRECISIONS, SCHEDULES, SP_IMPLS, ZERO_STAGES)
 from distvit.data.config import DataConfig
 from distvit.errors import UserError
-from distvit.offload import MODES as OFFLOAD_MODES
 from distvit.offload import Settings as OffloadSettings
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
 
 class ConfigError(UserError, ValueError):
     """A bad config file, key or value; the message is one line meant for the user."""
@@ -46,7 +32,7 @@ class RunConfig(Section):
     epochs: int | None = 1  # train for this many epochs ...
     max_steps: int | None = None  # ... or stop at this many optimizer steps (wins when both are set)
     eval_every: int = 0  # optimizer steps between evaluations; 0: at each epoch end and at the end
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal[DEVICES] = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     compile: bool = False  # torch.compile the model (inductor); see docs/recipes.md for the cost on CPU
     # A rendezvous or collective that waits longer than this for a peer (stopped, hung, killed)
@@ -74,7 +60,7 @@ class ModelConfig(Section):
     img_size: int | None = None  # None: data.img_size
     in_chans: int | None = None  # None: data.in_chans
     drop_path_rate: float = 0.0
-    attn_backend: Literal["auto", "sdpa", "flash", "math"] = "auto"
+    attn_backend: Literal[ATTENTION_BACKENDS] = "auto"
     checkpoint: str | None = None  # initial weights (.safetensors / .pt), e.g. timm's
     freeze: list[str] = []  # fnmatch patterns of parameter names to freeze, e.g. ["patch_embed.*", "blocks.[0-5].*"]
     # Fine-tuning: re-initialise the checkpoint's classifier. null: only when its class count differs
@@ -90,18 +76,18 @@ class ModelConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["adamw", "lamb", "sgd"] = "adamw"
+    name: Literal[OPTIMIZERS] = "adamw"
     lr: float = 1e-3  # peak learning rate
     # ... or the peak LR at a reference global batch, scaled to the run's (timm's --lr-base;
-    # distvit/engine/lr_scale.py): lr = lr_base * (global_batch / lr_base_size), or its sqrt.
+    # distvit/config/resolve.py): lr = lr_base * (global_batch / lr_base_size), or its sqrt.
     lr_base: float | None = None
     lr_base_size: int = 256
-    lr_base_scale: Literal["linear", "sqrt"] = "linear"
+    lr_base_scale: Literal[LR_BASE_SCALES] = "linear"
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float | None = 1.0  # max global grad norm (or max |element|, clip_mode=value); null: off
-    clip_mode: Literal["norm", "value"] = "norm"
+    clip_mode: Literal[CLIP_MODES] = "norm"
     layer_decay: float | None = None  # lr scale per block, layer_decay ** (layers above); e.g. 0.65 (MAE/BEiT)
     momentum: float = 0.9  # sgd only (Nesterov)
     label_smoothing: float = 0.0
@@ -138,7 +124,7 @@ class OptimConfig(Section):
 
 
 class ScheduleConfig(Section):
-    kind: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    kind: Literal[SCHEDULES] = "cosine"
     warmup_steps: int = 0
     min_lr: float = 0.0
     decay_fraction: float = 0.1  # wsd: the last fraction of the steps decays linearly to min_lr
@@ -166,8 +152,8 @@ class ScheduleConfig(Section):
 
 
 class ParallelConfig(Section):
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    zero_stage: Literal[ZERO_STAGES] = 2
+    precision: Literal[PRECISIONS] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     grad_accum: int = 1
     activation_checkpointing: bool = False
     offload: Literal[OFFLOAD_MODES] = "none"  # distvit/offload/README.md; partial: DeepSpeed offload_optimizer.ratio
@@ -176,7 +162,7 @@ class ParallelConfig(Section):
     # about 1/8 of a rank's optimizer state, so the update can be split between device and CPU.
     sub_group_size: int | Literal["auto"] = "auto"
     sp_size: int = 1
-    sp_impl: Literal["ulysses", "ring", "hybrid"] = "ulysses"
+    sp_impl: Literal[SP_IMPLS] = "ulysses"
     ulysses_size: int | None = None  # sp_impl=hybrid: ranks per Ulysses group (divides sp_size); ring across them
     deepspeed_extra: str | dict[str, Any] | None = None  # DeepSpeed JSON merged in: a file path, or inline JSON / mapping
 
@@ -208,7 +194,7 @@ class ParallelConfig(Section):
 class DistillConfig(Section):
     """Knowledge distillation from a frozen teacher (DeiT); distvit/engine/distill.py implements it."""
 
-    kind: Literal["none", "hard", "soft"] = "none"
+    kind: Literal[DISTILL_KINDS] = "none"
     teacher: str | None = None  # a registered model name, e.g. regnety_160 or vit_digits
     teacher_checkpoint: str | None = None  # the teacher's weights (.safetensors / .pt), loaded strict
     alpha: float = 0.5  # weight of the distillation term; the label term gets 1 - alpha
@@ -292,204 +278,3 @@ class Config(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
-
-
-# ----------------------------------------------------------------------------------- loading
-
-
-def shipped_configs() -> list[str]:
-    return sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-
-
-def resolve_config_path(path: str | Path) -> Path:
-    """A path as given, else a name under configs/ (with or without .yaml)."""
-    p = Path(path)
-    candidates = [p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"] if not p.is_absolute() else [p]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise ConfigError(
-        f"config file '{path}' not found; configs that ship (in {CONFIG_DIR}): "
-        + (", ".join(shipped_configs()) or "none")
-    )
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file's syntax") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, model:, ...), got {type(data).__name__}")
-    return data
-
-
-def _merge(dst: dict, src: dict, origins: dict[str, str], origin: str, prefix: str = "") -> None:
-    """Deep-merge src into dst, recording for every leaf key where its value came from."""
-    for key, value in src.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(dst.get(key), dict):
-            _merge(dst[key], value, origins, origin, dotted + ".")
-        else:
-            dst[key] = value
-            _record(origins, dotted, value, origin)
-
-
-def _record(origins: dict[str, str], dotted: str, value: Any, origin: str) -> None:
-    origins[dotted] = origin
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _record(origins, f"{dotted}.{k}", v, origin)
-
-
-def _load_file(path: Path, origins: dict[str, str], stack: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
-    if path in stack:
-        chain = " -> ".join(str(p) for p in (*stack, path))
-        raise ConfigError(f"config inheritance loops: {chain}; remove one of the `base:` entries")
-    data = _read_yaml(path)
-    bases = data.pop("base", None)
-    merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else (bases or []):
-        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
-        if not base_path.is_file() and not Path(base).is_absolute():  # a shipped config by name, as --config finds it
-            base_path = next((c for c in (CONFIG_DIR / base, CONFIG_DIR / f"{base}.yaml") if c.is_file()), base_path)
-        if not base_path.is_file():
-            raise ConfigError(f"{path}: base '{base}' not found (looked at {base_path} and in {CONFIG_DIR}); fix the "
-                              f"`base:` path, or name a shipped config: {', '.join(shipped_configs()) or 'none'}")
-        _merge(merged, _load_file(base_path, origins, (*stack, path)), origins, str(base_path))
-    _merge(merged, data, origins, str(path))
-    return merged
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ConfigError(f"--set {text}: expected section.key=value, e.g. --set optim.lr=3e-4")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or "." not in key:
-        raise ConfigError(f"--set {text}: the key must name a section and a field, e.g. optim.lr")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def _apply_override(tree: dict, key: str, value: Any, origins: dict[str, str], origin: str) -> None:
-    node = tree
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{origin}: '{key}' goes through a value that is not a section")
-    node[parts[-1]] = value
-    _record(origins, key, value, origin)
-
-
-def _origin(origins: dict[str, str], dotted: str) -> str:
-    """Where a key's value came from: the key itself, else the fields under it (a section), else the
-    list field holding it; 'defaults' if nothing set it (a file that sets other keys of its section
-    did not set this one)."""
-    if dotted in origins:
-        return origins[dotted]
-    under = [o for k, o in origins.items() if k.startswith(dotted + ".")]
-    if under:
-        return ", ".join(dict.fromkeys(under))
-    parts = dotted.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        parent = ".".join(parts[:i])
-        if parent in origins and parent not in Config.model_fields:  # an item of a list field, not a section
-            return origins[parent]
-    return "defaults"
-
-
-def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        sub = field.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            keys.extend(_all_keys(sub, f"{prefix}{name}."))
-        else:
-            keys.append(f"{prefix}{name}")
-    return keys
-
-
-def _check_unknown(tree: dict, model: type[BaseModel], origins: dict[str, str], prefix: str = "") -> None:
-    """Unknown keys, found before pydantic so the message can say where the key came from."""
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        field = model.model_fields.get(key)
-        if field is None:
-            valid = list(model.model_fields)
-            # The same name in another section first (a key in the wrong section), then a typo here,
-            # then a typo anywhere in the tree.
-            close = [k for k in _all_keys(Config) if k.rsplit(".", 1)[-1] == key][:1]
-            close = close or difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-            close = close or difflib.get_close_matches(dotted, _all_keys(Config), n=1, cutoff=0.6)
-            hint = f"did you mean '{close[0] if '.' in close[0] else prefix + close[0]}'?" if close else (
-                f"valid keys here: {', '.join(prefix + v for v in valid)}"
-            )
-            raise ConfigError(f"unknown config key '{dotted}' (from {_origin(origins, dotted)}); {hint}")
-        sub = field.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            if not isinstance(value, dict):
-                raise ConfigError(
-                    f"config key '{dotted}' (from {_origin(origins, dotted)}) is a section; "
-                    f"give its fields, e.g. {dotted}.{next(iter(sub.model_fields))}=..."
-                )
-            _check_unknown(value, sub, origins, dotted + ".")
-
-
-def _type_error(exc: ValidationError, tree: dict, origins: dict[str, str]) -> ConfigError:
-    err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal["))]
-    # Drop pydantic's union-member labels ("int", "float", ...) from the location.
-    fields = []
-    model: Any = Config
-    for part in loc:
-        if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
-            fields.append(part)
-            model = model.model_fields[part].annotation
-        elif part.isdigit():
-            fields.append(part)
-    dotted = ".".join(fields)
-    value: Any = tree
-    for part in fields:
-        value = value.get(part) if isinstance(value, dict) else (value[int(part)] if isinstance(value, list) and part.isdigit() and int(part) < len(value) else None)
-    where = _origin(origins, dotted)
-    expected = err["msg"]
-    if err["type"] == "value_error":
-        text = expected.removeprefix("Value error, ")
-        # A rule over several keys (offload x zero_stage): say where each key it names came from.
-        named = [k for k in _all_keys(Config) if k.startswith(dotted + ".") and re.search(rf"\b{re.escape(k)}\b", text)]
-        if named:
-            where = ", ".join(f"{k} from {_origin(origins, k)}" for k in named)
-            return ConfigError(f"bad config ({where}): {text}")
-        return ConfigError(f"bad value for config key '{dotted}' (from {where}): {text}")
-    return ConfigError(f"bad value for config key '{dotted}' (from {where}): got {value!r}; expected {expected.lower()}")
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build the Config tree: defaults <- YAML file (and its bases) <- `--set` overrides."""
-    origins: dict[str, str] = {}
-    tree: dict = _load_file(resolve_config_path(path), origins) if path else {}
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _apply_override(tree, key, value, origins, f"--set {text}")
-    _check_unknown(tree, Config, origins)
-    try:
-        cfg = Config.model_validate(tree)
-    except ValidationError as exc:
-        raise _type_error(exc, tree, origins) from None
-    from distvit.config_checks import check_across_sections
-
-    check_across_sections(cfg, origins)
-    return cfg
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config (atomically: a reader never sees half a file)."""
-    from distvit.checkpoint.io import atomic_write_text
-
-    atomic_write_text(Path(path), cfg.to_yaml())

@@ -6,22 +6,23 @@ from __future__ import annotations
 
 import difflib
 
-from distvit.config import Config, ConfigError, _origin
+from distvit.config.load import origin_of
+from distvit.config.schema import Config, ConfigError
 
 
 def check_across_sections(cfg: Config, origins: dict[str, str]) -> None:
     """Rules that span sections, and names that must exist: a value accepted here must not break later."""
     def bad(key: str, text: str) -> ConfigError:
-        return ConfigError(f"bad value for config key '{key}' (from {_origin(origins, key)}): {text}")
+        return ConfigError(f"bad value for config key '{key}' (from {origin_of(origins, key)}): {text}")
 
     if cfg.schedule.min_lr > cfg.optim.lr:
         raise bad("schedule.min_lr", f"{cfg.schedule.min_lr} is above the peak optim.lr={cfg.optim.lr} "
-                  f"(from {_origin(origins, 'optim.lr')}); set schedule.min_lr <= optim.lr, e.g. 0")
+                  f"(from {origin_of(origins, 'optim.lr')}); set schedule.min_lr <= optim.lr, e.g. 0")
     for key, given, data_key in (("model.img_size", cfg.model.img_size, "data.img_size"),
                                  ("model.in_chans", cfg.model.in_chans, "data.in_chans")):
         have = getattr(cfg.data, data_key.split(".")[1], None)
         if given is not None and have is not None and given != have:
-            raise bad(key, f"{given}, but the data loader yields {data_key}={have} (from {_origin(origins, data_key)}); "
+            raise bad(key, f"{given}, but the data loader yields {data_key}={have} (from {origin_of(origins, data_key)}); "
                       f"set both to the same value, or leave {key} unset (it follows {data_key})")
     from distvit import models
 

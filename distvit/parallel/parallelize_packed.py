@@ -11,7 +11,7 @@ identity backward: see parallelize.py) and the head runs on every rank.
 """
 from __future__ import annotations
 
-from distvit.attention.sequence_parallel import local_positions, padded_length
+from distvit.parallel.sequence_parallel import local_positions, padded_length
 from distvit.models.packed import embed, patch_counts, pool, token_layout
 
 

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from distvit.attention.sequence_parallel import _check_qkv, group_size, ring_attention, ulysses_attention
+from distvit.parallel.sequence_parallel import _check_qkv, group_size, ring_attention, ulysses_attention
 
 
 def _divisors(n: int) -> list[int]:

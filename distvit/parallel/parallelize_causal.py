@@ -13,7 +13,7 @@
   patch p - 1; every rank uses the start token, patch_embed and pos_embed in its graph (with
   zero weight where it holds none of them) so every rank's gradient hooks run, in the same order.
 - Attention. Every block's Attention.attend is replaced by the sp attention of parallelize.py
-  (SequenceParallelPlan / _SequenceParallelAttend: reused, causal read from the module).
+  (SequenceParallelPlan / SequenceParallelAttend: reused, causal read from the module).
 - Loss. Each rank sums the squared errors of its real tokens and divides by the full count; the
   sum over the group is the full MSE. The sum's backward is the identity (the replicated-result
   convention of parallelize.py), so each rank's parameters get its tokens' part of the gradient.
@@ -31,10 +31,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from distvit.attention.sequence_parallel import gather_tokens, group_size, local_positions
+from distvit.parallel.sequence_parallel import gather_tokens, group_size, local_positions
 from distvit.models.causal_vit import CachedAttention, CausalViT
-from distvit.models.parallelize import (
-    GRAD_SYNCS, SequenceParallelPlan, _SequenceParallelAttend, _SumReplicated, _broadcast_parameters,
+from distvit.parallel.parallelize import (
+    GRAD_SYNCS, SequenceParallelPlan, SequenceParallelAttend, SumReplicated, broadcast_parameters,
 )
 
 IMPLS = {"ring": "zigzag", "ulysses": "contiguous"}
@@ -44,7 +44,7 @@ def parallelize_causal(model: CausalViT, mesh_or_group=None, impl: str = "ring",
                        grad_sync: str = "allreduce") -> CausalViT:
     """Split a CausalViT's tokens over an sp group, in place; returns the model.
 
-    mesh_or_group: a distvit.dist.Mesh (its sp_group), a process group, or None (the whole
+    mesh_or_group: a distvit.parallel.mesh.Mesh (its sp_group), a process group, or None (the whole
     world). impl: "ring" (zigzag layout, any head count) or "ulysses" (heads must divide by sp).
     grad_sync: "allreduce" or "partial" (module doc). With sp = 1 nothing changes. Every sp rank
     must call this on the same model before the optimizer or DeepSpeed sees it.
@@ -69,12 +69,12 @@ def parallelize_causal(model: CausalViT, mesh_or_group=None, impl: str = "ring",
                          f"heads, which Ulysses splits over the sp ranks; use parallel.sp_size in {divisors} or "
                          "parallel.sp_impl=ring (any head count)")
     plan = SequenceParallelPlan(group, sp, dist.get_rank(group), impl, IMPLS[impl], grad_sync)
-    _broadcast_parameters(model, plan)
+    broadcast_parameters(model, plan)
     for blk in model.blocks:
         if not isinstance(blk.attn, CachedAttention) or not blk.attn.causal:
             raise TypeError(f"parallelize_causal: a block's attention is a {type(blk.attn).__name__}; it must be "
                             "causal_vit.CachedAttention (causal), whose `attend` sequence parallelism replaces")
-        blk.attn.attend = _SequenceParallelAttend(blk.attn, plan, model)
+        blk.attn.attend = SequenceParallelAttend(blk.attn, plan, model)
     if grad_sync == "allreduce":
         for p in model.parameters():
             if p.requires_grad:
@@ -129,7 +129,7 @@ class SequenceParallelCausalViT:
         pred = self.forward_local(images)[:, real]
         target = self.patchify(images)[:, pos[real]]
         local = (pred - target).pow(2).sum() / (images.shape[0] * self.num_patches * self.patch_dim)
-        return _SumReplicated.apply(local, plan.group)
+        return SumReplicated.apply(local, plan.group)
 
     def step(self, patches, cache):
         raise NotImplementedError("CausalViT.step: incremental decoding of a sequence-parallel model is not "

@@ -1,4 +1,8 @@
-"""The learning rate from a reference batch, as timm's `--lr-base`: resolved once the world size is known.
+"""The config as one run uses it, resolved once the world size and device are known (before any
+engine exists); `--print-config` shows this, and the Trainer reads nothing else.
+
+- parallel.precision: auto -> bf16 on a CUDA device that supports it, else fp32.
+- optim.lr from a reference batch, as timm's `--lr-base`:
 
     optim: {lr_base: 5.0e-4, lr_base_size: 256, lr_base_scale: linear}
     # global batch 1024 -> lr = 5e-4 * 1024 / 256 = 2e-3   (sqrt: 5e-4 * sqrt(1024 / 256) = 1e-3)
@@ -10,7 +14,9 @@ from __future__ import annotations
 
 import math
 
-from distvit.config import Config, ConfigError
+import torch
+
+from distvit.config.schema import Config, ConfigError
 
 
 def resolve_lr(cfg: Config, dp_size: int) -> tuple[float, str]:
@@ -38,3 +44,22 @@ def apply(cfg: Config, dp_size: int) -> str:
         cfg.optim.lr = lr
         cfg.optim.model_fields_set.discard("lr")  # derived, not given: resolving the same cfg again is fine
     return line
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    p = cfg.parallel.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if p in ("bf16", "fp16") and device.type == "cpu" and cfg.parallel.zero_stage == 0:
+        # DeepSpeed's bf16/fp16 wrappers need a ZeRO optimizer on the CPU accelerator.
+        raise ConfigError(f"parallel.precision={p} on the CPU needs parallel.zero_stage >= 1; use precision=fp32 or zero_stage=1")
+    return p
+
+
+def resolve(cfg: Config, *, dp_size: int, device: torch.device) -> tuple[Config, str]:
+    """A resolved copy of cfg (precision and lr concrete) and the banner line saying where the lr came from."""
+    cfg = cfg.model_copy(deep=True)
+    line = apply(cfg, dp_size)
+    cfg.optim.lr_base = None  # the lr is concrete now: the printed / saved config loads again as it is
+    cfg.parallel.precision = resolve_precision(cfg, device)
+    return cfg, line

@@ -17,16 +17,7 @@ from typing import Any
 import torch
 
 from distvit.config import Config, ConfigError
-
-
-def resolve_precision(cfg: Config, device: torch.device) -> str:
-    p = cfg.parallel.precision
-    if p == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if p in ("bf16", "fp16") and device.type == "cpu" and cfg.parallel.zero_stage == 0:
-        # DeepSpeed's bf16/fp16 wrappers need a ZeRO optimizer on the CPU accelerator.
-        raise ConfigError(f"parallel.precision={p} on the CPU needs parallel.zero_stage >= 1; use precision=fp32 or zero_stage=1")
-    return p
+from distvit.config.resolve import resolve_precision
 
 
 DEEPSPEED_SUB_GROUP_SIZE = 1_000_000_000

@@ -130,7 +130,7 @@ def backend_for(device: torch.device) -> str:
     We do not add "cpu:gloo" beside NCCL: every group would then also build a gloo communicator
     (a full mesh of TCP connections per group, DeepSpeed's groups included), and a CPU collective
     would still cost the step a device-to-host copy and a sync. Instead every collective distvit
-    issues runs on its group's device, a rule kept in one place: distvit/comm.py.
+    issues runs on its group's device, a rule kept in one place: distvit/parallel/comm.py.
     """
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -235,6 +235,12 @@ class Mesh:
 
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log0(*args) -> None:
+    """print on rank 0 only (every rank before the process group exists)."""
+    if is_main():
+        print(*args, flush=True)
 
 
 def barrier() -> None:

@@ -62,7 +62,7 @@ def comm_device(group=None, prefer: torch.device | None = None) -> torch.device:
     raise RuntimeError(
         f"the process group has backends only for device types {types}, none of which this process has "
         f"(CUDA visible: {torch.cuda.is_available()}); start it with a backend for this machine "
-        f"(distvit.dist.backend_for picks nccl on CUDA, gloo on CPU)"
+        f"(distvit.parallel.mesh.backend_for picks nccl on CUDA, gloo on CPU)"
     )
 
 

@@ -1,0 +1,67 @@
+"""What a run tells its user: the start-up plan, the metrics row of a log step, and the final
+summary (summary.json). Functions of the Trainer `t`, kept apart so the loop reads as a loop."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from distvit import offload
+from distvit.checkpoint import io as ckio
+from distvit.engine.metrics import peak_memory_gib
+from distvit.engine.step_tuning import grad_norm
+
+
+def run_plan(t) -> str:
+    """The start-up lines: model, ranks, mesh, precision, batch arithmetic, lr, FLOPs, resume."""
+    cfg = t.cfg
+    global_batch = cfg.data.batch_size * cfg.parallel.grad_accum * t.mesh.dp_size
+    tokens = getattr(getattr(t.engine.module, "patch_embed", None), "num_patches", None)
+    lines = [
+        f"distvit: {cfg.model.name} ({t.num_params / 1e6:.2f}M params) on {t.mesh.world_size} rank(s) "
+        f"[{t.info.launcher}], dp={t.mesh.dp_size} sp={t.mesh.sp_size}, device={t.device.type}, "
+        f"ZeRO-{cfg.parallel.zero_stage}, {t.precision}, offload={cfg.parallel.offload}",
+        f"  global batch {global_batch} = {cfg.data.batch_size} per rank x {cfg.parallel.grad_accum} accum x "
+        f"{t.mesh.dp_size} dp; {t.steps_per_epoch} steps/epoch; {t.total_steps} steps in all"
+        + (f"; {tokens} tokens/image, {tokens * global_batch} tokens/step" if tokens else ""),
+        f"  {t.lr_line}",
+    ]
+    if t.flops_per_image:
+        lines.append(f"  {3 * t.flops_per_image * global_batch / 1e12:.4f} TFLOPs/step (fwd+bwd)")
+    if t.distiller is not None:
+        lines.append(f"  {t.distiller.describe()}")
+    if t.resume_from is not None:
+        lines.append(f"  resumed from {t.resume_from} at step {t.step}, epoch {t.epoch}")
+    lines.append(f"  run folder: {t.run_dir}")
+    return "\n".join(lines)
+
+
+def metrics_row(t, reading, img_per_s: float, step_time: float) -> dict:
+    """A log row: the last step's loss (mean over dp, from the fused read), lr and grad norm read now."""
+    tflops = mfu = None
+    if t.flops_per_image:
+        tflops = 3 * t.flops_per_image * img_per_s / 1e12 / t.mesh.world_size  # per rank
+        mfu = tflops / t.peak_tflops if t.peak_tflops else None
+    return {
+        "step": t.step, "epoch": t.epoch, "loss": reading.loss, "lr": t.engine.get_lr()[0],
+        "grad_norm": grad_norm(t.engine, t._clip),
+        "img_per_s": img_per_s, "step_time_s": step_time, "tflops": tflops, "mfu": mfu,
+        "peak_mem_gib": peak_memory_gib(t.device), "bad_samples": reading.bad_samples,
+        **offload.stats(t.offload),
+    }
+
+
+def summary(t, wall_s: float, last_eval: dict, tag_dir: Path, export: Path | None, reason: str) -> dict:
+    """The run's result (also summary.json in the run folder): status, steps, throughput, accuracy, files."""
+    global_batch = t.cfg.data.batch_size * t.cfg.parallel.grad_accum * t.mesh.dp_size
+    summary = {
+        "status": reason, "steps": t.step, "epochs": t.step / t.steps_per_epoch, "wall_s": wall_s,
+        "img_per_s": (t.step - t._start_step) * global_batch / max(wall_s, 1e-9),
+        "final_top1": last_eval.get("val_top1"), "final_top5": last_eval.get("val_top5"),
+        "best_top1": t.best["val_top1"], "best_top5": t.best["val_top5"],
+        **{f"final_{k[len('val_'):]}": v for k, v in last_eval.items() if k.startswith(("val_loss_", "val_top1_", "val_top5_"))},
+        "checkpoint": str(tag_dir), "weights": None if export is None else str(export),
+        "run_dir": str(t.run_dir),
+    }
+    if t.is_main:
+        ckio.atomic_write_text(t.run_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary
