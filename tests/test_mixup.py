@@ -95,7 +95,7 @@ def test_config_checks():
     assert build_mixer(DataConfig(mixup=0.8, cutmix=1.0, batch_size=8), 10).num_classes == 10
     with pytest.raises(ValueError, match=r"data.batch_size=7 is odd.*set data.batch_size=8"):
         DataConfig(mixup=0.8, batch_size=7)
-    with pytest.raises(ValueError, match=r"data.cutmix is a Beta alpha.*got -1"):
+    with pytest.raises(ValueError, match=r"cutmix\s+Value error, must be >= 0 \(a Beta alpha.*got -1"):
         DataConfig(cutmix=-1)
 
 

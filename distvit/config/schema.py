@@ -6,16 +6,19 @@ across sections: checks.py; the public face: distvit.config.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from distvit.choices import (ATTENTION_BACKENDS, CLIP_MODES, DEVICES, DISTILL_KINDS, LR_BASE_SCALES, OFFLOAD_MODES,
-                             OPTIMIZERS, PRECISIONS, SCHEDULES, SP_IMPLS, ZERO_STAGES)
+                             OPTIMIZERS, PRECISIONS, SCHEDULES, SP_IMPLS, ZERO_STAGES, bounded)
 from distvit.data.config import DataConfig
 from distvit.errors import UserError
 from distvit.offload import Settings as OffloadSettings
+
+STEP_NOTE = "a run needs at least one step"
+
 
 class ConfigError(UserError, ValueError):
     """A bad config file, key or value; the message is one line meant for the user."""
@@ -29,29 +32,15 @@ class RunConfig(Section):
     name: str = "default"
     output_dir: str = "runs"  # the run folder is output_dir/name
     seed: int = 0
-    epochs: int | None = 1  # train for this many epochs ...
-    max_steps: int | None = None  # ... or stop at this many optimizer steps (wins when both are set)
-    eval_every: int = 0  # optimizer steps between evaluations; 0: at each epoch end and at the end
+    epochs: Annotated[int | None, bounded(ge=1, hint="or null", note=STEP_NOTE)] = 1  # train for this many epochs ...
+    max_steps: Annotated[int | None, bounded(ge=1, hint="or null", note=STEP_NOTE)] = None  # ... or stop at this many optimizer steps (wins when both are set)
+    eval_every: Annotated[int, bounded(ge=0, hint="(0: evaluate at each epoch end)")] = 0  # optimizer steps between evaluations; 0: at each epoch end and at the end
     device: Literal[DEVICES] = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     compile: bool = False  # torch.compile the model (inductor); see docs/recipes.md for the cost on CPU
     # A rendezvous or collective that waits longer than this for a peer (stopped, hung, killed)
     # ends every rank with an error naming the missing ranks (distvit/watchdog.py).
-    collective_timeout_s: float = 300.0
-
-    @field_validator("epochs", "max_steps")
-    @classmethod
-    def _positive_or_none(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"must be >= 1 or null, got {v}; a run needs at least one step")
-        return v
-
-    @field_validator("eval_every", "collective_timeout_s")
-    @classmethod
-    def _non_negative(cls, v, info):
-        if v < 0 or (v == 0 and info.field_name == "collective_timeout_s"):
-            raise ValueError(f"must be {'> 0 seconds' if info.field_name == 'collective_timeout_s' else '>= 0 (0: evaluate at each epoch end)'}, got {v}")
-        return v
+    collective_timeout_s: Annotated[float, bounded(gt=0, hint="seconds")] = 300.0
 
 
 class ModelConfig(Section):
@@ -59,7 +48,7 @@ class ModelConfig(Section):
     num_classes: int | None = None  # None: from the dataset manifest, else the model's default
     img_size: int | None = None  # None: data.img_size
     in_chans: int | None = None  # None: data.in_chans
-    drop_path_rate: float = 0.0
+    drop_path_rate: Annotated[float, bounded(ge=0, lt=1)] = 0.0
     attn_backend: Literal[ATTENTION_BACKENDS] = "auto"
     checkpoint: str | None = None  # initial weights (.safetensors / .pt), e.g. timm's
     freeze: list[str] = []  # fnmatch patterns of parameter names to freeze, e.g. ["patch_embed.*", "blocks.[0-5].*"]
@@ -67,30 +56,23 @@ class ModelConfig(Section):
     # from num_classes (said in one line); true: always; false: never (a misfit is an error).
     reset_head: bool | None = None
 
-    @field_validator("drop_path_rate")
-    @classmethod
-    def _rate(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"must be in [0, 1), got {v}")
-        return v
-
 
 class OptimConfig(Section):
     name: Literal[OPTIMIZERS] = "adamw"
-    lr: float = 1e-3  # peak learning rate
+    lr: Annotated[float, bounded(gt=0)] = 1e-3  # peak learning rate
     # ... or the peak LR at a reference global batch, scaled to the run's (timm's --lr-base;
     # distvit/config/resolve.py): lr = lr_base * (global_batch / lr_base_size), or its sqrt.
     lr_base: float | None = None
     lr_base_size: int = 256
     lr_base_scale: Literal[LR_BASE_SCALES] = "linear"
-    weight_decay: float = 0.05
+    weight_decay: Annotated[float, bounded(ge=0)] = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    eps: Annotated[float, bounded(gt=0)] = 1e-8
     grad_clip: float | None = 1.0  # max global grad norm (or max |element|, clip_mode=value); null: off
     clip_mode: Literal[CLIP_MODES] = "norm"
     layer_decay: float | None = None  # lr scale per block, layer_decay ** (layers above); e.g. 0.65 (MAE/BEiT)
     momentum: float = 0.9  # sgd only (Nesterov)
-    label_smoothing: float = 0.0
+    label_smoothing: Annotated[float, bounded(ge=0)] = 0.0
     ema_decay: float | None = None  # e.g. 0.9998 keeps an EMA of the weights, evaluated too
 
     @model_validator(mode="after")
@@ -108,47 +90,12 @@ class OptimConfig(Section):
             raise ValueError(f"both must be in [0, 1), got {list(v)}; e.g. [0.9, 0.999]")
         return v
 
-    @field_validator("lr", "eps")
-    @classmethod
-    def _positive(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError(f"must be > 0, got {v}")
-        return v
-
-    @field_validator("weight_decay", "label_smoothing")
-    @classmethod
-    def _non_negative(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError(f"must be >= 0, got {v}")
-        return v
-
 
 class ScheduleConfig(Section):
     kind: Literal[SCHEDULES] = "cosine"
-    warmup_steps: int = 0
-    min_lr: float = 0.0
-    decay_fraction: float = 0.1  # wsd: the last fraction of the steps decays linearly to min_lr
-
-    @field_validator("decay_fraction")
-    @classmethod
-    def _fraction(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError(f"schedule.decay_fraction must be in (0, 1], got {v}")
-        return v
-
-    @field_validator("warmup_steps")
-    @classmethod
-    def _warmup(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"must be >= 0 (0: no warm-up), got {v}")
-        return v
-
-    @field_validator("min_lr")
-    @classmethod
-    def _min_lr(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError(f"must be >= 0, got {v}")
-        return v
+    warmup_steps: Annotated[int, bounded(ge=0, hint="(0: no warm-up)")] = 0
+    min_lr: Annotated[float, bounded(ge=0)] = 0.0
+    decay_fraction: Annotated[float, bounded(gt=0, le=1)] = 0.1  # wsd: the last fraction of the steps decays linearly to min_lr
 
 
 class ParallelConfig(Section):
@@ -216,38 +163,18 @@ class DistillConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every_steps: int = 0  # 0: only at the end
-    keep: int = 3  # complete checkpoints kept in the run folder (older ones are deleted)
+    every_steps: Annotated[int, bounded(ge=0, hint="(0: only at the end)")] = 0
+    # complete checkpoints kept in the run folder (older ones are deleted)
+    keep: Annotated[int, bounded(ge=1, hint="(the newest checkpoint is what --resume needs)")] = 3
     resume: str | None = None  # "auto" (newest complete checkpoint of the run folder) or a path
     export: bool = True  # at the end, consolidate to <run>/model.safetensors (fp32)
 
-    @field_validator("keep")
-    @classmethod
-    def _keep(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1 (the newest checkpoint is what --resume needs), got {v}")
-        return v
-
-    @field_validator("every_steps")
-    @classmethod
-    def _every(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"must be >= 0 (0: only at the end), got {v}")
-        return v
-
 
 class LogConfig(Section):
-    every_steps: int = 10
+    every_steps: Annotated[int, bounded(ge=1, hint="(optimizer steps between log lines)")] = 10
     tensorboard: bool = True
     progress: bool = True  # tqdm bar on rank 0
     peak_tflops: float | None = None  # device peak for MFU; None: looked up by device name
-
-    @field_validator("every_steps")
-    @classmethod
-    def _every(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1 (optimizer steps between log lines), got {v}")
-        return v
 
 
 class Config(Section):

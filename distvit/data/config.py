@@ -6,11 +6,11 @@ grayscale images, no flip (a mirrored digit is another glyph). For ImageNet-styl
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from distvit.choices import ERASE_MODES, INTERPOLATIONS, MIXUP_MODES, MP_CONTEXTS, ON_ERROR, SHARD_SPLITS
+from distvit.choices import ERASE_MODES, INTERPOLATIONS, MIXUP_MODES, MP_CONTEXTS, ON_ERROR, SHARD_SPLITS, bounded
 
 # Used when neither the config nor the dataset.json manifest gives statistics.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -29,15 +29,15 @@ class DataConfig(BaseModel):
     # `pipe:CMD` shard URLs run CMD in a shell: refused unless this is true (a config you trust).
     allow_pipe: bool = False
 
-    batch_size: int = 64  # per data-parallel rank (the micro batch)
-    num_workers: int = 2  # DataLoader worker processes per rank; 0 reads in the training process
-    img_size: int = 8
+    batch_size: Annotated[int, bounded(ge=1)] = 64  # per data-parallel rank (the micro batch)
+    num_workers: Annotated[int, bounded(ge=0)] = 2  # DataLoader worker processes per rank; 0 reads in the training process
+    img_size: Annotated[int, bounded(ge=1)] = 8
     in_chans: int = 1  # 1: decode as grayscale (digits), 3: RGB
     mean: list[float] | None = None  # None: the manifest's, else ImageNet's
     std: list[float] | None = None
 
     shuffle: bool = True  # shard order and a sample block, both from (seed, epoch)
-    shuffle_buffer: int = 2048  # raw samples each worker holds and permutes at a time
+    shuffle_buffer: Annotated[int, bounded(ge=1)] = 2048  # raw samples each worker holds and permutes at a time
     # How an epoch is cut into equal per-rank, per-worker shares (docs/data.md, "Uneven shards"):
     # "samples": contiguous sample ranges, shards may be read partly by two workers; every sample
     #            once per epoch whatever the shard count (except the drop_last tail).
@@ -48,64 +48,36 @@ class DataConfig(BaseModel):
 
     train_crop_scale: list[float] = [0.6, 1.0]  # random resized crop: area fraction range
     train_crop_ratio: list[float] = [0.75, 1.3333333333333333]  # ... and aspect ratio range
-    hflip: float = 0.0  # probability of a horizontal flip
-    eval_crop_pct: float = 1.0  # eval: resize the short side to img_size / eval_crop_pct, center crop
+    hflip: Annotated[float, bounded(ge=0, le=1, hint="(a probability)")] = 0.0  # probability of a horizontal flip
+    eval_crop_pct: Annotated[float, bounded(gt=0, le=1, note="0.875 is the usual ImageNet value")] = 1.0  # eval: resize the short side to img_size / eval_crop_pct, center crop
     interpolation: Literal[INTERPOLATIONS] = "bilinear"
 
     # Training recipes (timm's names; distvit/data/augment.py, distvit/data/mixup.py, docs/recipes.md).
     auto_augment: str | None = None  # "rand-m9-mstd0.5-inc1", "augmix-m3-w3", "3a", "trivialaugment"
     color_jitter: float | list[float] | None = None  # factor range 1 +- x; off when auto_augment is on (timm)
     three_augment: bool = False  # DeiT III: one of grayscale / solarize / blur per image
-    reprob: float = 0.0  # random erasing probability (on the normalized image)
+    reprob: Annotated[float, bounded(ge=0, le=1, hint="(a probability)")] = 0.0  # random erasing probability (on the normalized image)
     remode: Literal[ERASE_MODES] = "pixel"
-    mixup: float = 0.0  # mixup Beta alpha; > 0 turns it on
-    cutmix: float = 0.0  # cutmix Beta alpha; > 0 turns it on
-    mixup_prob: float = 1.0  # probability of mixing a batch (element / pair in those modes)
-    mixup_switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup
+    mixup: Annotated[float, bounded(ge=0, hint="(a Beta alpha: 0 turns it off, DeiT uses 0.8 / 1.0)")] = 0.0  # mixup Beta alpha; > 0 turns it on
+    cutmix: Annotated[float, bounded(ge=0, hint="(a Beta alpha: 0 turns it off, DeiT uses 0.8 / 1.0)")] = 0.0  # cutmix Beta alpha; > 0 turns it on
+    mixup_prob: Annotated[float, bounded(ge=0, le=1, hint="(a probability)")] = 1.0  # probability of mixing a batch (element / pair in those modes)
+    mixup_switch_prob: Annotated[float, bounded(ge=0, le=1, hint="(a probability)")] = 0.5  # with both on: probability of cutmix instead of mixup
     mixup_mode: Literal[MIXUP_MODES] = "batch"
     repeated_aug: int = 1  # DeiT's RASampler: each sample seen this many times per epoch, on different ranks
 
     on_error: Literal[ON_ERROR] = "skip"  # bad tar / image / label: stop, or warn, count and go on
-    max_logged_errors: int = 20  # per worker and epoch; the rest are counted only
+    max_logged_errors: Annotated[int, bounded(ge=0)] = 20  # per worker and epoch; the rest are counted only
 
     pin_memory: bool | None = None  # None: on when CUDA is available
-    prefetch_factor: int = 2  # batches each worker prepares ahead
-    worker_timeout_s: float = 300.0  # a worker silent this long is an error, not a hang (0: wait forever)
+    prefetch_factor: Annotated[int, bounded(ge=1)] = 2  # batches each worker prepares ahead
+    worker_timeout_s: Annotated[float, bounded(ge=0, hint="(0: no timeout)")] = 300.0  # a worker silent this long is an error, not a hang (0: wait forever)
     mp_context: Literal[MP_CONTEXTS] | None = None  # None: torch's default
-
-    @field_validator("batch_size", "img_size", "shuffle_buffer", "prefetch_factor")
-    @classmethod
-    def _positive(cls, v: int, info) -> int:
-        if v < 1:
-            raise ValueError(f"data.{info.field_name} must be >= 1, got {v}")
-        return v
-
-    @field_validator("num_workers", "max_logged_errors")
-    @classmethod
-    def _non_negative(cls, v: int, info) -> int:
-        if v < 0:
-            raise ValueError(f"data.{info.field_name} must be >= 0, got {v}")
-        return v
 
     @field_validator("in_chans")
     @classmethod
     def _chans(cls, v: int) -> int:
         if v not in (1, 3):
             raise ValueError(f"data.in_chans must be 1 (grayscale) or 3 (RGB), got {v}")
-        return v
-
-    @field_validator("hflip", "reprob", "mixup_prob", "mixup_switch_prob")
-    @classmethod
-    def _prob(cls, v: float, info) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"data.{info.field_name} is a probability in [0, 1], got {v}")
-        return v
-
-    @field_validator("mixup", "cutmix")
-    @classmethod
-    def _alpha(cls, v: float, info) -> float:
-        if v < 0:
-            raise ValueError(f"data.{info.field_name} is a Beta alpha (0 turns it off, DeiT uses 0.8 / 1.0), got {v}")
         return v
 
     @field_validator("auto_augment")
@@ -126,20 +98,6 @@ class DataConfig(BaseModel):
     def _jitter(cls, v):
         if isinstance(v, list) and len(v) not in (3, 4) or (v is not None and min([v] if not isinstance(v, list) else v) < 0):
             raise ValueError(f"data.color_jitter is one factor >= 0 or [brightness, contrast, saturation(, hue)], got {v}")
-        return v
-
-    @field_validator("eval_crop_pct")
-    @classmethod
-    def _crop_pct(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError(f"data.eval_crop_pct must be in (0, 1], got {v} (0.875 is the usual ImageNet value)")
-        return v
-
-    @field_validator("worker_timeout_s")
-    @classmethod
-    def _timeout(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError(f"data.worker_timeout_s must be >= 0 (0: no timeout), got {v}")
         return v
 
     @field_validator("train_crop_scale")
