@@ -137,7 +137,7 @@ def inspect(tag_dir: Path) -> dict:
         raise
     except safe_load.CheckpointFileError as exc:
         problems.append(str(exc))
-    # A reshaped checkpoint has no per-rank state: the data cursor belonged to the old layout.
+    # A reshaped checkpoint has no per-rank state: its data state is every old dp rank's cursor.
     try:
         rank0 = ckstate.load_common(tag_dir) if reshaped else ckstate.load_rank(tag_dir, 0)
     except ckstate.StateError as exc:
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             source_ranks = ckio.read_meta(out)["reshaped_from"]["world_size"]
             run_dir = Path(args.out).resolve().parent
             print(f"wrote {out} from {tag_dir} ({source_ranks} rank(s)); any world size resumes its weights, "
-                  f"optimizer state and lr schedule (the data order restarts the epoch):\n"
+                  f"optimizer state and lr schedule, the rest of the epoch's data and the RNG:\n"
                   f"  launch/train.py ... --set run.output_dir={run_dir.parent} --set run.name={run_dir.name} --resume auto")
             return 0
     except (CheckpointError, ckreshape.ReshapeError, FileExistsError, FileNotFoundError, ValueError,

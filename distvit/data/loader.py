@@ -231,9 +231,9 @@ class TrainLoader:
                 self.seed, self.cfg.shuffle, self.cfg.shard_split):
             raise DataError("cannot carry the data cursor over: run.seed, data.shuffle or data.shard_split differ "
                             "from the checkpoint's, so the epoch's sample order differs")
+        todo = remap.remainder(states, self.shards)  # raises before anything changes
         self._finish_epoch()
-        self.epoch = int(states[0]["epoch"])
-        self._todo = remap.remainder(states, self.shards)
+        self.epoch, self._todo = int(states[0]["epoch"]), todo
         # The old ranks' bad-sample counts, once: on dp rank 0 (the trainer sums them over dp).
         bad = sum(int(s["bad_before_epoch"]) + sum(c["bad"] for c in s["workers"] if c) for s in states)
         self._bad_before_epoch = bad if self.dp_rank == 0 else 0

@@ -1,0 +1,62 @@
+"""Elastic resume: `--resume auto` on a checkpoint saved by another world size reshapes it first.
+
+A job requeued onto fewer (or more) nodes finds its newest checkpoint written by another number of
+ranks (or another sp size). Instead of stopping with "resume on the same world size", rank 0 runs
+`distvit ckpt reshape` on it into <checkpoints>/reshaped/<tag> (checkpoint/reshape.py: weights,
+optimizer, schedule, the rest of the epoch's data and the RNG), every rank waits for it, and the
+run resumes from that copy; the trainer logs one line saying so. The copy is kept while it is the
+one in use (a second requeue before the next save reuses it) and replaced by the next reshape; the
+run's own saves go on into <checkpoints>/step_* at the new world size, so the next restart on the
+same size resumes from those directly.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from distvit.checkpoint import io as ckio
+from distvit.checkpoint.reshape import is_reshaped, reshape
+
+RESHAPED_DIR = "reshaped"
+
+
+def needs_reshape(meta: dict, mesh) -> bool:
+    return not is_reshaped(meta) and (meta.get("world_size"), meta.get("sp_size")) != (mesh.world_size, mesh.sp_size)
+
+
+def _reusable(out_tag: Path, src: Path) -> bool:
+    return ckio.is_complete(out_tag) and ckio.read_meta(out_tag).get("reshaped_from", {}).get("path") == str(src.resolve())
+
+
+def _reshape_on_rank0(src: Path, out_root: Path, is_main: bool) -> tuple[Path, str | None]:
+    out_tag, error = out_root / src.name, None
+    if is_main:
+        try:
+            if not _reusable(out_tag, src):
+                if out_root.is_dir():  # one reshaped copy at a time: the one this run resumes from
+                    for old in out_root.iterdir():
+                        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+                reshape(src, out_root)
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, then one line
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return out_tag, error
+
+
+def for_this_world(trainer, tag_dir: Path) -> tuple[Path, str | None]:
+    """(the checkpoint to resume, a note for the resume line, or None when nothing was reshaped)."""
+    from distvit.checkpoint.resume import ResumeError, _all_ok
+
+    meta = ckio.read_meta(tag_dir)
+    mesh = trainer.mesh
+    if not needs_reshape(meta, mesh):
+        return tag_dir, None
+    out_tag, error = _reshape_on_rank0(tag_dir, trainer.ckpt_root / RESHAPED_DIR, trainer.rank == 0)
+    if not _all_ok(error is None):
+        raise ResumeError(
+            f"--resume auto: {tag_dir} was saved by {meta.get('world_size')} ranks (sp={meta.get('sp_size')}) and "
+            f"could not be reshaped for this run's {mesh.world_size} (sp={mesh.sp_size}): "
+            f"{error or 'see rank 0'}; resume on {meta.get('world_size')} ranks, or start over with "
+            f"--set run.name=<new name>")
+    note = (f"elastic resume: {tag_dir} was saved by {meta['world_size']} rank(s) (sp={meta['sp_size']}), this run has "
+            f"{mesh.world_size} (sp={mesh.sp_size}); reshaped into {out_tag}")
+    return out_tag, note
