@@ -9,6 +9,9 @@ and says so in one line. The data are 96 synthetic samples that name themselves
     3 ranks, steps 4-5     24 of the 72 left (6 steps of 12)            kill after step 5
     2 ranks, steps 6-11    the 48 left (6 steps of 8): the epoch ends at step 11
 
+A second case goes from sequence parallelism to none: 2 ranks as 1 dp x 2 sp (24 steps of 4 an
+epoch; 3 steps), then 2 ranks as 2 dp (84 left: 10 steps of 8; 2 steps).
+
 Checks: the loader state every rank saved equals that of a plain in-process loop that takes
 the same path (so the trainer consumed exactly those batches); over the three phases every sample of
 the epoch is seen exactly once; and every step's loss and the final weights equal plain torch AdamW
@@ -33,8 +36,10 @@ from distvit.data.synthetic import decode_index, write_synthetic
 from ops.harness import train_args
 from trainer_helpers import launch, load_weights, losses, run_env
 
-PHASES = [(2, 3), (3, 5), (2, 11)]  # (ranks, last step of the phase)
-TOTAL = PHASES[-1][1]
+# (ranks, sp size, last step of the phase); the last phase ends the run (run.max_steps).
+ELASTIC = [(2, 1, 3), (3, 1, 5), (2, 1, 11)]
+# sp 2 (one dp rank of 2 sp ranks: 24 steps of 4 an epoch; 3 steps) -> sp 1 (2 dp ranks: 84 left, 10 steps of 8)
+SP = [(2, 2, 3), (2, 1, 5)]
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +49,14 @@ def data(tmp_path_factory):
     return out
 
 
-def args_for(data: Path, root: Path, *extra: str) -> list[str]:
+def args_for(data: Path, root: Path, total: int, *extra: str) -> list[str]:
     # train_args' digits paths replaced by the synthetic shards; no val split (eval is not under test).
-    args = train_args(data, root, "elastic", TOTAL, "data.batch_size=4", "data.val=null", "checkpoint.every_steps=1",
+    args = train_args(data, root, "elastic", total, "data.batch_size=4", "data.val=null", "checkpoint.every_steps=1",
                       "checkpoint.keep=20", "data.shuffle_buffer=10", *extra)
     return args
 
 
-def reference(cfg, carry: bool = True) -> tuple[dict, list[float], list[list[dict]], list[int]]:
+def reference(cfg, phases, carry: bool = True) -> tuple[dict, list[float], list[list[dict]], list[int]]:
     """Plain torch AdamW through the three phases: (weights, per-step losses, each phase's loader states
     at its end, every sample index seen). The data of phase k+1 is the rest of phase k's epoch re-split
     (carry=False: the epoch restarted from its first batch, as reshape did before it carried the cursor)."""
@@ -64,13 +69,13 @@ def reference(cfg, carry: bool = True) -> tuple[dict, list[float], list[list[dic
     model = build_model(cfg)
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, foreach=False)
-    sched = build_scheduler(opt, total_steps=TOTAL, warmup_steps=cfg.schedule.warmup_steps, kind=cfg.schedule.kind,
+    sched = build_scheduler(opt, total_steps=phases[-1][-1], warmup_steps=cfg.schedule.warmup_steps, kind=cfg.schedule.kind,
                             peak_lr=o.lr, min_lr=cfg.schedule.min_lr, decay_fraction=cfg.schedule.decay_fraction)
     step, state, step_losses, phase_states, seen = 0, None, [], [], []
-    for ranks, last in PHASES:
+    for ranks, sp, last in phases:
         loaders = []
-        for r in range(ranks):
-            loader = build_train_loader(cfg.data, dp_rank=r, dp_size=ranks, seed=cfg.run.seed)
+        for r in range(ranks // sp):
+            loader = build_train_loader(cfg.data, dp_rank=r, dp_size=ranks // sp, seed=cfg.run.seed)
             if state is not None and carry:
                 loader.load_state_dict(state)
             loader.set_epoch(0)
@@ -100,44 +105,52 @@ def saved_states(tag: Path, ranks: int) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.multirank
-@pytest.mark.parametrize("stage,precision", [(3, "fp32"), (2, "bf16")])
-def test_elastic_2_to_3_to_2_ranks_mid_epoch(data, tmp_path, stage, precision):
+@pytest.mark.parametrize("stage,precision,phases", [(3, "fp32", ELASTIC), (2, "bf16", ELASTIC), (1, "fp32", SP)],
+                         ids=["zero3-fp32-2to3to2", "zero2-bf16-2to3to2", "zero1-fp32-sp2to1"])
+def test_elastic_resume_mid_epoch(data, tmp_path, stage, precision, phases):
+    total = phases[-1][-1]
     extra = [f"parallel.zero_stage={stage}", f"parallel.precision={precision}",
              "data.mean=[0.0]", "data.std=[1.0]", "data.train_crop_scale=[1.0,1.0]", "data.train_crop_ratio=[1.0,1.0]",
              "data.hflip=0.0"]  # identity transform: each batch names its samples
-    args = args_for(data, tmp_path, *extra)
+    args = args_for(data, tmp_path, total, *extra)
     ckpts = tmp_path / "elastic" / "checkpoints"
-    outs, step = [], 0
-    for i, (ranks, last) in enumerate(PHASES):
+    outs = []
+    for i, (ranks, sp, last) in enumerate(phases):
         resume = ["--resume", "auto"] if i else []
-        env = run_env(DISTVIT_TEST_FAULT=f"kill_at_step:{last}") if last < TOTAL else None
-        proc = launch(args + resume, nproc=ranks, env=env, check=last == TOTAL)
-        assert (proc.returncode != 0) == (last < TOTAL), proc.stderr[-3000:]
+        env = run_env(DISTVIT_TEST_FAULT=f"kill_at_step:{last}") if last < total else None
+        proc = launch(args + resume + ["--set", f"parallel.sp_size={sp}"], nproc=ranks, env=env, check=last == total)
+        assert (proc.returncode != 0) == (last < total), proc.stderr[-3000:]
         outs.append(proc.stdout)
         tag = ckpts / ckio.tag_for_step(last)
-        if last < TOTAL:
-            assert ckio.is_complete(tag) and ckio.read_meta(tag)["world_size"] == ranks
-        step = last
+        if last < total:
+            assert ckio.is_complete(tag) and (ckio.read_meta(tag)["world_size"], ckio.read_meta(tag)["sp_size"]) == (ranks, sp)
 
     # One line per restart says what happened.
-    for (ranks, last), (prev_ranks, prev_last), out in zip(PHASES[1:], PHASES, outs[1:]):
+    for (ranks, sp, last), (prev_ranks, prev_sp, prev_last), out in zip(phases[1:], phases, outs[1:]):
         lines = [line for line in out.splitlines() if line.startswith("elastic resume:")]
         assert len(lines) == 1, out[-3000:]
-        assert (f"was saved by {prev_ranks} rank(s) (sp=1), this run has {ranks} (sp=1); reshaped into "
+        assert (f"was saved by {prev_ranks} rank(s) (sp={prev_sp}), this run has {ranks} (sp={sp}); reshaped into "
                 f"{ckpts / 'reshaped' / ckio.tag_for_step(prev_last)}") in lines[0]
         assert "resuming a checkpoint reshaped from" in lines[0] and "the RNG state carried over" in lines[0]
-    assert "epoch 0 goes on with its 72 unseen samples (6 steps over 3 dp rank(s) x 1 worker(s))" in outs[1]
-    assert "epoch 0 goes on with its 48 unseen samples (6 steps over 2 dp rank(s) x 1 worker(s))" in outs[2]
+    if phases == ELASTIC:
+        assert "epoch 0 goes on with its 72 unseen samples (6 steps over 3 dp rank(s) x 1 worker(s))" in outs[1]
+        assert "epoch 0 goes on with its 48 unseen samples (6 steps over 2 dp rank(s) x 1 worker(s))" in outs[2]
+    else:
+        assert "epoch 0 goes on with its 84 unseen samples (10 steps over 2 dp rank(s) x 1 worker(s))" in outs[1]
 
     cfg = load_config("demo_digits", args[3::2])
-    ref_weights, ref_losses, ref_states, seen = reference(cfg)
-    assert Counter(seen) == Counter(range(96))  # the epoch, each sample once, over 2 -> 3 -> 2 ranks
-    # What the trainer's ranks saved at the end of phases 1 and 2 is the reference loop's position.
-    for (ranks, last), states in zip(PHASES[:2], ref_states[:2]):
-        assert saved_states(ckpts / ckio.tag_for_step(last), ranks) == states
+    ref_weights, ref_losses, ref_states, seen = reference(cfg, phases)
+    # Each sample at most once; when the phases end the epoch, every sample of it exactly once.
+    assert max(Counter(seen).values()) == 1 and len(seen) == sum(
+        (last - first) * 4 * ranks // sp for (ranks, sp, last), (*_, first) in zip(phases, [(0, 0, 0)] + phases))
+    if phases == ELASTIC:
+        assert Counter(seen) == Counter(range(96))
+    # What the trainer's ranks saved at the end of each killed phase is the reference loop's position.
+    for (ranks, sp, last), states in zip(phases[:-1], ref_states[:-1]):
+        assert saved_states(ckpts / ckio.tag_for_step(last), ranks)[::sp] == states
 
     logged = losses(tmp_path / "elastic")
-    assert [s for s, _ in logged] == list(range(1, TOTAL + 1))
+    assert [s for s, _ in logged] == list(range(1, total + 1))
     got_losses = torch.tensor([float(v) for _, v in logged])
     final = load_weights(tmp_path / "elastic" / "model.safetensors")
     if precision == "fp32":
@@ -152,7 +165,7 @@ def test_elastic_2_to_3_to_2_ranks_mid_epoch(data, tmp_path, stage, precision):
         # step 2^-8 = 0.4%), so a loss near 2.3 is within ~1e-2 of fp32's even on the first step.
         # The bound must still tell the right data from the wrong: the same reference fed the epoch
         # restarted at each reshape (what reshape did before the cursor was carried) is further.
-        _, wrong_losses, _, _ = reference(cfg, carry=False)
+        _, wrong_losses, _, _ = reference(cfg, phases, carry=False)
         diff = (got_losses - torch.tensor(ref_losses)).abs().max().item()
         wrong = (got_losses - torch.tensor(wrong_losses)).abs().max().item()
         print(f"bf16 vs fp32 reference: max loss diff {diff:.2e}; vs the restarted-epoch reference {wrong:.2e}")
