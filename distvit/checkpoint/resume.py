@@ -135,9 +135,9 @@ def try_load(trainer, tag_dir: Path) -> str | None:
         if load_path is None:
             error = f"DeepSpeed could not load the checkpoint in {tag_dir}"
         elif is_universal(tag_dir) and trainer.cfg.parallel.zero_stage == 3:
-            from distvit.checkpoint.zero3_universal import restore_group_hyperparameters
+            from distvit.checkpoint.zero3_universal import fix_loaded_state
 
-            restore_group_hyperparameters(trainer.engine, tag_dir)  # DeepSpeed gave every group the first's
+            fix_loaded_state(trainer.engine, tag_dir)  # DeepSpeed 0.19: shared step tensor, first group's hyperparameters
     except Exception as exc:  # noqa: BLE001
         error = f"DeepSpeed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if not _all_ok(error is None):
