@@ -124,6 +124,15 @@ def _reshaped_files(tag_dir: Path, meta: dict) -> list[str]:
     return names
 
 
+def _summary(data: dict | None) -> dict | None:
+    """A reshaped checkpoint's data state is every old dp rank's cursor (re-split on load): summed up."""
+    if not data or data.get("kind") != "reshaped":
+        return data
+    first = data["ranks"][0]
+    return {"kind": "reshaped", "epoch": first["epoch"], "old_dp_ranks": len(data["ranks"]),
+            "old_step_in_epoch": first["step"], "old_epoch_steps": first.get("epoch_steps", first["steps_per_epoch"])}
+
+
 def inspect(tag_dir: Path) -> dict:
     meta = ckio.read_meta(tag_dir)
     sizes = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
@@ -149,7 +158,7 @@ def inspect(tag_dir: Path) -> dict:
         "dp_size": meta["dp_size"], "sp_size": meta["sp_size"], "zero_stage": meta["zero_stage"],
         "precision": meta.get("precision"), "model": meta["model"],
         "complete": ckio.is_complete(tag_dir) and not problems, "problems": problems,
-        "data_cursor_rank0": rank0.get("data"), "reshaped_from": meta.get("reshaped_from"),
+        "data_cursor_rank0": _summary(rank0.get("data")), "reshaped_from": meta.get("reshaped_from"),
         "total_bytes": sum(sizes.values()), "files": sizes, "config": meta["config"],
     }
 

@@ -42,20 +42,43 @@ def _reshape_on_rank0(src: Path, out_root: Path, is_main: bool) -> tuple[Path, s
     return out_tag, error
 
 
+def _outcome_of_rank0(error: str | None, is_main: bool, world_size: int) -> str | None:
+    """Rank 0's outcome (None: reshaped) on every rank. The others wait on the rendezvous store, not
+    in a collective: reshaping a large model can outlast run.collective_timeout_s, and a rank 0 that
+    dies meanwhile is still caught by the heartbeat watchdog (distvit/watchdog.py)."""
+    from datetime import timedelta
+
+    from distvit import dist as ddist
+    from distvit import watchdog
+
+    store = ddist._store
+    if world_size == 1 or store is None:  # one process, or a group made outside distvit.dist.init
+        from distvit.checkpoint.resume import _all_ok
+
+        return None if _all_ok(error is None) else (error or "rank 0 could not reshape it (its log says why)")
+    key = watchdog.key("elastic_reshape")
+    if is_main:
+        store.set(key, error or "")
+        return error
+    store.wait([key], timedelta(days=7))
+    return store.get(key).decode() or None
+
+
 def for_this_world(trainer, tag_dir: Path) -> tuple[Path, str | None]:
     """(the checkpoint to resume, a note for the resume line, or None when nothing was reshaped)."""
-    from distvit.checkpoint.resume import ResumeError, _all_ok
+    from distvit.checkpoint.resume import ResumeError
 
     meta = ckio.read_meta(tag_dir)
     mesh = trainer.mesh
     if not needs_reshape(meta, mesh):
         return tag_dir, None
     out_tag, error = _reshape_on_rank0(tag_dir, trainer.ckpt_root / RESHAPED_DIR, trainer.rank == 0)
-    if not _all_ok(error is None):
+    error = _outcome_of_rank0(error, trainer.rank == 0, mesh.world_size)
+    if error is not None:
         raise ResumeError(
             f"--resume auto: {tag_dir} was saved by {meta.get('world_size')} ranks (sp={meta.get('sp_size')}) and "
             f"could not be reshaped for this run's {mesh.world_size} (sp={mesh.sp_size}): "
-            f"{error or 'see rank 0'}; resume on {meta.get('world_size')} ranks, or start over with "
+            f"{error}; resume on {meta.get('world_size')} ranks, or start over with "
             f"--set run.name=<new name>")
     note = (f"elastic resume: {tag_dir} was saved by {meta['world_size']} rank(s) (sp={meta['sp_size']}), this run has "
             f"{mesh.world_size} (sp={mesh.sp_size}); reshaped into {out_tag}")
