@@ -158,18 +158,28 @@ def test_elastic_resume_mid_epoch(data, tmp_path, stage, precision, phases):
         # clip): ~1e-7 on the losses. A wrong batch moves a loss by >1e-3, a lost Adam moment the
         # weights by ~1e-3: these bounds separate by orders of magnitude.
         torch.testing.assert_close(got_losses, torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+        # Adam divides each element's step by its own gradient history, so an element whose gradients
+        # are ~0 turns rounding-level differences (sp's all-to-all sums in another order) into a step
+        # of up to lr: measured 1 element of 136010 at 1.2e-4 (sp case), none under ZeRO-3. Lost
+        # moments or a wrong lr move most elements by ~1e-3.
+        outside, total = 0, 0
         for k, ref in ref_weights.items():
-            torch.testing.assert_close(final[k], ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+            diff = (final[k] - ref).abs()
+            outside += int((diff > 1e-5 + 1e-4 * ref.abs()).sum())
+            total += ref.numel()
+            assert diff.max().item() < cfg.optim.lr, k
+        assert outside <= total * 1e-4, (outside, total)
     else:
-        # bf16 forward/backward against an fp32 reference: bf16 keeps 8 significant bits (relative
-        # step 2^-8 = 0.4%), so a loss near 2.3 is within ~1e-2 of fp32's even on the first step.
-        # The bound must still tell the right data from the wrong: the same reference fed the epoch
-        # restarted at each reshape (what reshape did before the cursor was carried) is further.
+        # bf16 forward/backward (fp32 master weights and Adam state) against an fp32 reference: bf16
+        # keeps 8 significant bits, a relative rounding of 2^-9 per operation, so a loss near 2.3
+        # moves by ~1e-3 (measured: 1.3e-3 at most over the 11 steps). The bound must still tell the
+        # right data from the wrong: the same reference fed each phase's epoch from its first batch
+        # (what reshape did before it carried the cursor) is 0.24 away at most (from step 4 on).
         _, wrong_losses, _, _ = reference(cfg, phases, carry=False)
         diff = (got_losses - torch.tensor(ref_losses)).abs().max().item()
         wrong = (got_losses - torch.tensor(wrong_losses)).abs().max().item()
         print(f"bf16 vs fp32 reference: max loss diff {diff:.2e}; vs the restarted-epoch reference {wrong:.2e}")
-        assert diff < 3e-2 and wrong > 3 * diff, (diff, wrong, logged, ref_losses)
+        assert diff < 5e-3 and wrong > 10 * diff, (diff, wrong, logged, ref_losses)
 
 
 def _save_ranks(tag: Path, seeds: list[int]) -> None:

@@ -42,7 +42,7 @@ def _reshape_on_rank0(src: Path, out_root: Path, is_main: bool) -> tuple[Path, s
     return out_tag, error
 
 
-def _outcome_of_rank0(error: str | None, is_main: bool, world_size: int) -> str | None:
+def _outcome_of_rank0(error: str | None, is_main: bool, world_size: int, name: str) -> str | None:
     """Rank 0's outcome (None: reshaped) on every rank. The others wait on the rendezvous store, not
     in a collective: reshaping a large model can outlast run.collective_timeout_s, and a rank 0 that
     dies meanwhile is still caught by the heartbeat watchdog (distvit/watchdog.py)."""
@@ -56,7 +56,7 @@ def _outcome_of_rank0(error: str | None, is_main: bool, world_size: int) -> str 
         from distvit.checkpoint.resume import _all_ok
 
         return None if _all_ok(error is None) else (error or "rank 0 could not reshape it (its log says why)")
-    key = watchdog.key("elastic_reshape")
+    key = watchdog.key(f"elastic_reshape/{name}")
     if is_main:
         store.set(key, error or "")
         return error
@@ -64,22 +64,32 @@ def _outcome_of_rank0(error: str | None, is_main: bool, world_size: int) -> str 
     return store.get(key).decode() or None
 
 
-def for_this_world(trainer, tag_dir: Path) -> tuple[Path, str | None]:
-    """(the checkpoint to resume, a note for the resume line, or None when nothing was reshaped)."""
+def for_this_world(trainer, candidates: list[Path], log) -> tuple[list[Path], str | None]:
+    """The checkpoints `--resume auto` tries, newest first, and a note for the resume line.
+
+    Unchanged (note None) when the newest was saved by this world size. Otherwise the reshaped copy
+    of the newest that reshapes; one that does not (damaged, refused) is named and the previous one
+    tried, as resume.py does for loading; an older checkpoint of this world size is taken as it is."""
     from distvit.checkpoint.resume import ResumeError
 
-    meta = ckio.read_meta(tag_dir)
     mesh = trainer.mesh
-    if not needs_reshape(meta, mesh):
-        return tag_dir, None
-    out_tag, error = _reshape_on_rank0(tag_dir, trainer.ckpt_root / RESHAPED_DIR, trainer.rank == 0)
-    error = _outcome_of_rank0(error, trainer.rank == 0, mesh.world_size)
-    if error is not None:
-        raise ResumeError(
-            f"--resume auto: {tag_dir} was saved by {meta.get('world_size')} ranks (sp={meta.get('sp_size')}) and "
-            f"could not be reshaped for this run's {mesh.world_size} (sp={mesh.sp_size}): "
-            f"{error}; resume on {meta.get('world_size')} ranks, or start over with "
-            f"--set run.name=<new name>")
-    note = (f"elastic resume: {tag_dir} was saved by {meta['world_size']} rank(s) (sp={meta['sp_size']}), this run has "
-            f"{mesh.world_size} (sp={mesh.sp_size}); reshaped into {out_tag}")
-    return out_tag, note
+    failures = []
+    for i, tag_dir in enumerate(candidates):
+        meta = ckio.read_meta(tag_dir)
+        if not needs_reshape(meta, mesh):
+            return candidates[i:], None
+        out_tag, error = _reshape_on_rank0(tag_dir, trainer.ckpt_root / RESHAPED_DIR, trainer.rank == 0)
+        error = _outcome_of_rank0(error, trainer.rank == 0, mesh.world_size, tag_dir.name)
+        if error is None:
+            note = (f"elastic resume: {tag_dir} was saved by {meta['world_size']} rank(s) (sp={meta['sp_size']}), "
+                    f"this run has {mesh.world_size} (sp={mesh.sp_size}); reshaped into {out_tag}")
+            return [out_tag], note
+        failures.append(error)
+        nxt = candidates[i + 1] if i + 1 < len(candidates) else None
+        log(f"elastic resume: {tag_dir} could not be reshaped for {mesh.world_size} rank(s) ({error}); "
+            + (f"trying the previous complete one, {nxt}" if nxt else "no older complete checkpoint is left"))
+    raise ResumeError(
+        f"--resume auto: no checkpoint could be reshaped for this run's {mesh.world_size} rank(s) (sp={mesh.sp_size}) "
+        f"({len(candidates)} tried; the newest failed with: {failures[0]}); check them with "
+        f"`distvit ckpt verify {candidates[0].parent}`, resume on the world size that saved them, or start over "
+        f"with --set run.name=<new name>")

@@ -225,9 +225,8 @@ class Trainer:
                 self._resume_candidates = ckio.resume_candidates(self.ckpt_root, log=log0)
                 found = self._resume_candidates[0] if self._resume_candidates else None
                 if found is not None:  # saved by another world size: reshape it first (checkpoint/elastic.py)
-                    adapted, self._elastic_note = elastic.for_this_world(self, found)
-                    if adapted != found:
-                        found, self._resume_candidates = adapted, [adapted]
+                    self._resume_candidates, self._elastic_note = elastic.for_this_world(self, self._resume_candidates, log0)
+                    found = self._resume_candidates[0]
             else:
                 found = ckio.resolve_resume(resume, self.ckpt_root, log=log0)
             if found is None:
