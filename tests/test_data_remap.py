@@ -144,3 +144,12 @@ def test_runs_and_slices():
 
     assert todo_slice(todo, 2, 3) == [(3, 1), (5, 1), (8, 1)]
     assert todo_slice(todo, 5, 3) == [(9, 1), (1, 2)]  # cyclic: padding wraps to the start
+
+
+def test_repeated_augmentation_is_refused_with_the_reason(uneven):
+    """Each sample sits on several ranks (DeiT's RASampler): consumed has no single owner."""
+    _, states = phase(ident_cfg(uneven, repeated_aug=2, num_workers=0), 2, 3, None)
+    loader = build_train_loader(ident_cfg(uneven, num_workers=0), dp_rank=0, dp_size=3, seed=5)
+    with pytest.raises(DataError, match=r"data.repeated_aug > 1 puts each sample on several ranks"):
+        loader.load_state_dict(remap.reshaped_state(states))
+    assert loader.epoch == 0 and loader.stats()["step_in_epoch"] == 0  # untouched: the epoch restarts
