@@ -133,6 +133,7 @@ def test_resume_auto_after_a_truncated_newest_checkpoint_finishes_the_run(run, r
     assert ckio.is_complete(bad.parent)
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_elastic_resume_passes_over_a_refused_checkpoint_to_the_previous_one(run_copy, digits_dir, tmp_path):
     """On 1 rank, `--resume auto` reshapes the 2-rank run's newest checkpoint (checkpoint/elastic.py); a
