@@ -133,6 +133,23 @@ def test_resume_auto_after_a_truncated_newest_checkpoint_finishes_the_run(run, r
     assert ckio.is_complete(bad.parent)
 
 
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_elastic_resume_passes_over_a_refused_checkpoint_to_the_previous_one(run_copy, digits_dir, tmp_path):
+    """On 1 rank, `--resume auto` reshapes the 2-rank run's newest checkpoint (checkpoint/elastic.py); a
+    file there holding code is refused, named, and the previous checkpoint reshaped instead."""
+    marker = tmp_path / "marker"
+    evil = run_copy / "checkpoints" / "step_00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    plant(evil, marker)
+    proc = launch(train_args(digits_dir, tmp_path, "src", STEPS, *EXTRA) + ["--resume", "auto"], launcher="python")
+    prev = run_copy / "checkpoints" / "step_00000002"
+    assert (f"elastic resume: {evil.parent} could not be reshaped for 1 rank(s) (UnsafeCheckpointError: {evil}: "
+            f"refused") in proc.stdout
+    assert f"trying the previous complete one, {prev}" in proc.stdout
+    assert f"elastic resume: {prev} was saved by 2 rank(s) (sp=1), this run has 1 (sp=1)" in proc.stdout
+    assert summary(run_copy)["status"] == "finished" and not marker.exists()
+
+
 @pytest.mark.multirank
 def test_resume_auto_stops_with_one_line_when_no_checkpoint_loads(run_copy, digits_dir, tmp_path):
     marker = tmp_path / "marker"

@@ -174,8 +174,8 @@ def universal_tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 def adamw_reference(cfg, weights: dict, universal_dir: Path, step: int, epoch: int, dp_size: int, n_steps: int):
     """Steps step+1 .. step+n_steps in plain torch from whole tensors: the weights, Adam's moments and
-    step count from the universal checkpoint, the lr schedule advanced `step` times, and the batches
-    of `epoch` from its first one (where a reshaped run restarts its data), every rank's concatenated."""
+    step count from the universal checkpoint, the lr schedule advanced `step` times, and the rest of
+    `epoch` as the reshaped checkpoint carries it (data/remap.py), every rank's batch concatenated."""
     from distvit.data import build_train_loader
     from distvit.engine.optim import param_groups
     from distvit.engine.schedule import build_scheduler
@@ -198,6 +198,8 @@ def adamw_reference(cfg, weights: dict, universal_dir: Path, step: int, epoch: i
     iters = []
     for r in range(dp_size):
         loader = build_train_loader(cfg.data, dp_rank=r, dp_size=dp_size, seed=cfg.run.seed)
+        loader.load_state_dict(json.loads((universal_dir / "distvit_common.json").read_text())["data"])
+        assert loader.epoch == epoch and loader.stats()["step_in_epoch"] == 0
         loader.set_epoch(epoch)
         iters.append(iter(loader))
     step_losses = []

@@ -7,6 +7,8 @@ on each), 2 tasks per node, 4 gloo ranks with rendezvous on dvtest-n1's address.
   finishes bitwise like the uninterrupted one;
 - losing a node (its link, slurmd and ranks gone) makes Slurm mark it DOWN and requeue the job; once
   the node is back, the job resumes from the newest complete checkpoint and finishes bitwise the same.
+- elastic resume: the run of a 2-node job, submitted again onto 1 node, reshapes its 4-rank checkpoint
+  by itself and finishes on 2 ranks.
 - `mpirun --host` and DeepSpeed's multi-node launcher with a hostfile (openmpi, --no_ssh per node,
   pdsh over ssh) across the two nodes train like the single-host run, bitwise.
 The cluster is torn down after the module, failed or not. Skipped, with a one-line reason, where the
@@ -199,6 +201,33 @@ def test_losing_a_node_requeues_and_resumes_from_the_last_complete_checkpoint(di
     assert 5 <= step < STEPS
     assert f"resumed from {last} at step {step}" in log
     assert_same_run(run_dir, single_host)
+
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_a_run_resubmitted_onto_one_node_resumes_elastically(digits_dir, tmp_path, env):
+    """Elastic resume under Slurm: a 2-node job (4 ranks) checkpoints on USR1 and ends without a requeue
+    (DISTVIT_REQUEUE=0); the same run submitted onto 1 node (2 ranks) reshapes that checkpoint by itself
+    (`--resume auto`, checkpoint/elastic.py), says so in one line, and finishes on 2 ranks."""
+    job, run_dir = submit(digits_dir, tmp_path, {**env, "DISTVIT_REQUEUE": "0"})
+    wait_for_step(run_dir, 3, job, env)
+    slurm("scancel", "--signal=USR1", "--batch", job, env=env)
+    wait_job(job, timeout=600, env=env)
+    stop = ckio.complete_checkpoints(run_dir / "checkpoints")[-1]
+    assert ckio.read_meta(stop)["world_size"] == 4 and 3 <= ckio.step_of(stop.name) < STEPS
+    job2 = sbatch(["--nodes", "1", "--ntasks-per-node", "2", "-o", str(tmp_path / "%x-%j.out"), SBATCH,
+                   *job_args(digits_dir, tmp_path), "--set", f"run.name=distvit-{job}"], cwd=tmp_path, env=env)
+    info = wait_job(job2, timeout=900, env=env)
+    log = file_text(tmp_path / f"distvit-{job2}.out")
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), info | {"log": log[-3000:]}
+    lines = [line for line in log.splitlines() if "elastic resume:" in line]
+    assert len(lines) == 1, log[-3000:]
+    assert f"{stop} was saved by 4 rank(s) (sp=1), this run has 2 (sp=1)" in lines[0]
+    assert "unseen samples" in lines[0] and "the RNG state carried over" in lines[0]
+    assert summary(run_dir)["status"] == "finished" and summary(run_dir)["steps"] == STEPS
+    assert [s for s, _ in losses(run_dir)] == list(range(1, STEPS + 1))
+    assert ckio.read_meta(ckio.complete_checkpoints(run_dir / "checkpoints")[-1])["world_size"] == 2
 
 
 # ---------------------------------------------------------------- Open MPI across the nodes

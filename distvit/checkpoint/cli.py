@@ -124,6 +124,15 @@ def _reshaped_files(tag_dir: Path, meta: dict) -> list[str]:
     return names
 
 
+def _summary(data: dict | None) -> dict | None:
+    """A reshaped checkpoint's data state is every old dp rank's cursor (re-split on load): summed up."""
+    if not data or data.get("kind") != "reshaped":
+        return data
+    first = data["ranks"][0]
+    return {"kind": "reshaped", "epoch": first["epoch"], "old_dp_ranks": len(data["ranks"]),
+            "old_step_in_epoch": first["step"], "old_epoch_steps": first.get("epoch_steps", first["steps_per_epoch"])}
+
+
 def inspect(tag_dir: Path) -> dict:
     meta = ckio.read_meta(tag_dir)
     sizes = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
@@ -137,7 +146,7 @@ def inspect(tag_dir: Path) -> dict:
         raise
     except safe_load.CheckpointFileError as exc:
         problems.append(str(exc))
-    # A reshaped checkpoint has no per-rank state: the data cursor belonged to the old layout.
+    # A reshaped checkpoint has no per-rank state: its data state is every old dp rank's cursor.
     try:
         rank0 = ckstate.load_common(tag_dir) if reshaped else ckstate.load_rank(tag_dir, 0)
     except ckstate.StateError as exc:
@@ -149,7 +158,7 @@ def inspect(tag_dir: Path) -> dict:
         "dp_size": meta["dp_size"], "sp_size": meta["sp_size"], "zero_stage": meta["zero_stage"],
         "precision": meta.get("precision"), "model": meta["model"],
         "complete": ckio.is_complete(tag_dir) and not problems, "problems": problems,
-        "data_cursor_rank0": rank0.get("data"), "reshaped_from": meta.get("reshaped_from"),
+        "data_cursor_rank0": _summary(rank0.get("data")), "reshaped_from": meta.get("reshaped_from"),
         "total_bytes": sum(sizes.values()), "files": sizes, "config": meta["config"],
     }
 
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             source_ranks = ckio.read_meta(out)["reshaped_from"]["world_size"]
             run_dir = Path(args.out).resolve().parent
             print(f"wrote {out} from {tag_dir} ({source_ranks} rank(s)); any world size resumes its weights, "
-                  f"optimizer state and lr schedule (the data order restarts the epoch):\n"
+                  f"optimizer state and lr schedule, the rest of the epoch's data and the RNG:\n"
                   f"  launch/train.py ... --set run.output_dir={run_dir.parent} --set run.name={run_dir.name} --resume auto")
             return 0
     except (CheckpointError, ckreshape.ReshapeError, FileExistsError, FileNotFoundError, ValueError,

@@ -8,10 +8,14 @@ world size re-partitions while loading (`"checkpoint": {"load_universal": true}`
 Weights, optimizer moments, step count and learning-rate schedule all survive.
 A ZeRO-0 checkpoint holds whole tensors already; it is copied.
 
-What cannot carry over is tied to the old data-parallel layout: the data loader's mid-epoch
-cursor and the per-rank RNG streams. The reshaped checkpoint keeps the step, epoch, best metrics
-and EMA (in distvit_common.{json,safetensors}, checkpoint/state.py); a run resumed from it restarts the saved epoch from its first
-batch and reseeds from run.seed and the step (Trainer._load says so when it happens).
+The rest is kept in distvit_common.{json,safetensors} (checkpoint/state.py): step, epoch, best
+metrics, EMA; every old dp rank's data-loader state, from which the resuming loader works out the
+samples of the epoch no old rank consumed and splits them over its own ranks x workers
+(data/remap.py); and the RNG state, which distvit keeps identical on every rank (all seeded with
+run.seed, all drawing the same shapes), carried to every new rank so that the draws go on as the
+old run's would have. If the old ranks' RNG states differ, no single state can stand for them: none
+is kept and the resumed run reseeds from run.seed and the step, saying so. docs/checkpoints.md has
+the rules.
 
 The output is a normal step_* folder (COMPLETE, distvit.json with "reshaped_from"), written under
 a temporary name and renamed when whole, and `latest` of DIR points at it, so a run whose
@@ -51,10 +55,16 @@ def is_universal(tag_dir: Path) -> bool:
     return (tag_dir / ckio.META).is_file() and bool(ckio.read_meta(tag_dir).get("universal"))
 
 
-def _common_state(src_tag: Path) -> dict:
-    """What every rank of any world size resumes with: rank 0's step/epoch/best/EMA, no cursor, no RNG."""
-    rank0 = ckstate.load_rank(src_tag, 0)
-    return {key: rank0.get(key) for key in ("step", "epoch", "best", "ema")}
+def _common_state(src_tag: Path, world_size: int) -> dict:
+    """What every rank of any world size resumes with: rank 0's step/epoch/best/EMA, every dp rank's
+    data cursor, and the RNG state if all ranks share it."""
+    from distvit.data import remap
+
+    ranks = [ckstate.load_rank(src_tag, r) for r in range(world_size)]
+    common = {key: ranks[0].get(key) for key in ("step", "epoch", "best", "ema")}
+    common["data"] = remap.reshaped_state([r["data"] for r in ranks])
+    common["rng"] = ranks[0]["rng"] if ckstate.same_rng(ranks) else None
+    return common
 
 
 def _to_universal(src_tag: Path, out_tag: Path, workers: int) -> None:
@@ -84,6 +94,8 @@ def reshape(src_tag: Path, out_root: Path, *, workers: int = 1) -> Path:
         raise ReshapeError(f"{src_tag}: not a complete checkpoint (no {ckio.COMPLETE}); reshape a complete one, "
                            f"e.g. the run's checkpoints folder (its newest complete checkpoint is used)")
     meta = ckio.read_meta(src_tag)
+    if is_reshaped(meta):
+        raise ReshapeError(f"{src_tag} is already reshaped: any world size resumes it as it is (--resume {src_tag})")
     out_tag = out_root / src_tag.name
     if out_tag.resolve() == src_tag.resolve():
         raise ReshapeError(f"--out {out_root} is the source's own checkpoints folder; choose the checkpoints folder "
@@ -102,7 +114,7 @@ def reshape(src_tag: Path, out_root: Path, *, workers: int = 1) -> Path:
             shutil.copy2(src_tag / "mp_rank_00_model_states.pt", tmp / "mp_rank_00_model_states.pt")
         else:
             _to_universal(src_tag, tmp, workers)
-        ckstate.save_common(tmp, **_common_state(src_tag))
+        ckstate.save_common(tmp, **_common_state(src_tag, meta["world_size"]))
         new_meta = {
             **meta, "universal": stage > 0,
             "reshaped_from": {"path": str(src_tag.resolve()), "world_size": meta["world_size"],

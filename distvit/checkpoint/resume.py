@@ -41,8 +41,8 @@ def check_layout(trainer, tag_dir: Path, meta: dict) -> None:
     if not is_reshaped(meta) and (meta.get("world_size") != mesh.world_size or meta.get("sp_size") != mesh.sp_size):
         raise ResumeError(
             f"checkpoint {tag_dir} was saved by {meta.get('world_size')} ranks (sp={meta.get('sp_size')}), "
-            f"this run has {mesh.world_size} (sp={mesh.sp_size}); resume on the same world size, or "
-            f"reshape it for any world size (`distvit ckpt reshape {tag_dir} --out <new run>/checkpoints`, then "
+            f"this run has {mesh.world_size} (sp={mesh.sp_size}); resume on the same world size, or with "
+            f"--resume auto in the run that saved it (it reshapes by itself), or reshape it for any world size (`distvit ckpt reshape {tag_dir} --out <new run>/checkpoints`, then "
             f"--resume auto in that run), or consolidate it (`distvit ckpt consolidate`) and start from the "
             f"weights alone with --set model.checkpoint=FILE"
         )
@@ -52,7 +52,9 @@ def _read(trainer, tag_dir: Path) -> dict:
     """Phase 1: every file read as data (nothing executed), the rank's state parsed."""
     safe_load.precheck(tag_dir)
     if is_reshaped(ckio.read_meta(tag_dir)):
-        return ckstate.load_common(tag_dir)
+        state = ckstate.load_common(tag_dir)
+        state["data_note"] = _load_reshaped_data(trainer, state.get("data"))
+        return state
     state = ckstate.load_rank(tag_dir, trainer.rank)
     try:
         trainer.train_loader.load_state_dict(state["data"])
@@ -60,10 +62,32 @@ def _read(trainer, tag_dir: Path) -> dict:
         raise ResumeError(
             f"{tag_dir}: {str(exc).split('. ')[0]}; to resume with the new settings, reshape it "
             f"(`distvit ckpt reshape {tag_dir} --out <new run>/checkpoints`, then --resume auto in that run: "
-            f"weights, optimizer and schedule carry over and the epoch restarts from its first batch), "
-            f"or restore the saved settings"
+            f"weights, optimizer, schedule and the rest of the epoch's samples carry over, re-split for the new "
+            f"settings), or restore the saved settings"
         ) from None
     return state
+
+
+def _load_reshaped_data(trainer, data: dict | None) -> str:
+    """The rest of the saved epoch over this run's ranks x workers (data/remap.py); when it cannot be
+    carried (no cursor saved, another sample order, repeated augmentation), the epoch restarts."""
+    from distvit.data.errors import DataError
+
+    loader = trainer.train_loader
+    if not data:
+        return "the epoch restarts from its first batch (the checkpoint holds no data cursor)"
+    try:
+        loader.load_state_dict(data)
+    except DataError as exc:
+        return f"the epoch restarts from its first batch ({str(exc).split('; ')[0]})"
+    return (f"epoch {loader.epoch} goes on with its {remap_left(loader)} unseen samples ({loader.epoch_steps()} "
+            f"steps over {trainer.mesh.dp_size} dp rank(s) x {loader.num_workers} worker(s))")
+
+
+def remap_left(loader) -> int:
+    from distvit.data.shards import todo_length
+
+    return todo_length(loader.state_dict()["todo"])
 
 
 def _apply(trainer, tag_dir: Path, state: dict) -> None:
@@ -76,11 +100,19 @@ def _apply(trainer, tag_dir: Path, state: dict) -> None:
         from distvit.engine.build import seed_all
         from distvit.parallel.mesh import log0
 
-        # The data cursor and RNG streams belonged to the old layout (see checkpoint/reshape.py).
-        seed_all(trainer.cfg.run.seed + 1_000_003 * trainer.step + trainer.rank)
-        log0(f"resuming a checkpoint reshaped from {meta['reshaped_from']['world_size']} to "
-             f"{trainer.mesh.world_size} rank(s): weights, optimizer and schedule carried over; epoch "
-             f"{trainer.epoch} restarts from its first batch and the RNG is reseeded")
+        # The RNG state the old ranks shared goes to every rank; none shared: a reseed from the step
+        # (the same on every rank, as distvit's streams are; see checkpoint/reshape.py).
+        if state.get("rng") is not None:
+            ckstate.set_rng_state(*state["rng"], trainer.device)
+            rng = "the RNG state carried over"
+        else:
+            seed_all(trainer.cfg.run.seed + 1_000_003 * trainer.step)
+            rng = "the RNG reseeded from run.seed and the step (the old ranks' states differed or were not saved)"
+        elastic = getattr(trainer, "_elastic_note", None)
+        log0((f"{elastic}: " if elastic else "") +
+             f"resuming a checkpoint reshaped from {meta['reshaped_from']['world_size']} to "
+             f"{trainer.mesh.world_size} rank(s): weights, optimizer and schedule carried over; "
+             f"{state['data_note']}; {rng}")
         return
     scalars, tensors = state["rng"]
     ckstate.set_rng_state(scalars, tensors, trainer.device)
@@ -103,6 +135,10 @@ def try_load(trainer, tag_dir: Path) -> str | None:
                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             error = f"DeepSpeed could not load the checkpoint in {tag_dir}"
+        elif is_universal(tag_dir) and trainer.cfg.parallel.zero_stage == 3:
+            from distvit.checkpoint.zero3_universal import fix_loaded_state
+
+            fix_loaded_state(trainer.engine, tag_dir)  # DeepSpeed 0.19: shared step tensor, first group's hyperparameters
     except Exception as exc:  # noqa: BLE001
         error = f"DeepSpeed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if not _all_ok(error is None):

@@ -7,7 +7,9 @@ Neither format can carry code, so reading them never executes anything (pickle i
 python's `random.getstate()` is a tuple of ints (JSON); numpy's state is a uint32 key (a tensor)
 and a few scalars; torch's RNG states are uint8 tensors.
 A reshaped checkpoint (`distvit ckpt reshape`) keeps the rank-independent part in
-distvit_common.{json,safetensors}: step, epoch, best, EMA; no cursor, no RNG.
+distvit_common.{json,safetensors}: step, epoch, best, EMA, every old dp rank's data cursor (the
+loader re-splits the rest of the epoch when it loads them, data/remap.py) and the RNG state the old
+ranks shared (absent when they differed; docs/checkpoints.md).
 """
 from __future__ import annotations
 
@@ -115,11 +117,29 @@ def load_rank(tag_dir: Path, rank: int) -> dict:
     return {**fields, "rng": (fields["rng"], tensors), "ema": ema_state(tensors)}
 
 
-def save_common(tag_dir: Path, *, step: int, epoch: int, best: dict, ema: dict | None) -> None:
-    save(tag_dir, COMMON, {"step": step, "epoch": epoch, "best": best},
-         {} if ema is None else {EMA_PREFIX + k: v for k, v in ema.items()})
+def save_common(tag_dir: Path, *, step: int, epoch: int, best: dict, ema: dict | None, data: dict | None = None,
+                rng: tuple[dict, dict[str, torch.Tensor]] | None = None) -> None:
+    fields = {"step": step, "epoch": epoch, "best": best, "data": data, "rng": None if rng is None else rng[0]}
+    tensors = {} if ema is None else {EMA_PREFIX + k: v for k, v in ema.items()}
+    save(tag_dir, COMMON, fields, {**tensors, **({} if rng is None else rng[1])})
 
 
 def load_common(tag_dir: Path) -> dict:
+    """{"step", "epoch", "best", "ema", "data" (or None), "rng": (scalars, tensors) or None}."""
     fields, tensors = load(tag_dir, COMMON)
-    return {**fields, "ema": ema_state(tensors)}
+    rng = fields.get("rng")
+    rng_tensors = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    return {**fields, "data": fields.get("data"), "rng": None if rng is None else (rng, rng_tensors),
+            "ema": ema_state(tensors)}
+
+
+def same_rng(states: list[dict]) -> bool:
+    """Whether every rank's saved RNG state (python, numpy, torch, CUDA) is the same."""
+    first_scalars, first_tensors = states[0]["rng"]
+    for s in states[1:]:
+        scalars, tensors = s["rng"]
+        if scalars != first_scalars or set(tensors) != set(first_tensors):
+            return False
+        if not all(torch.equal(tensors[k], first_tensors[k]) for k in tensors):
+            return False
+    return True

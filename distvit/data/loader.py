@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
+from distvit.data import remap
 from distvit.data.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from distvit.data.device import DeviceNormalize
 from distvit.data.errors import DataError, log
@@ -64,7 +65,7 @@ def stats_line(cfg: DataConfig, manifest: dict | None, mean, std) -> str | None:
 
 
 def _spec(cfg: DataConfig, shards, manifest, *, seed, epoch, dp_rank, dp_size, steps, start_step=0, cursors=(),
-          num_classes=None):
+          num_classes=None, todo=None):
     mean, std = resolve_stats(cfg, manifest)
     bound, classes_from = label_bound(manifest, num_classes)
     return StreamSpec(
@@ -78,6 +79,7 @@ def _spec(cfg: DataConfig, shards, manifest, *, seed, epoch, dp_rank, dp_size, s
         repeated_aug=cfg.repeated_aug,
         augment=(cfg.auto_augment, cfg.color_jitter, cfg.three_augment, cfg.reprob, cfg.remode),
         start_step=start_step, cursors=tuple(cursors),
+        todo=None if todo is None else tuple(tuple(r) for r in todo),
     )
 
 
@@ -123,6 +125,13 @@ class TrainLoader:
         self._cursors: list[dict | None] = [None] * self.num_workers
         self._bad_before_epoch = 0
         self._loaded_at_epoch_end = False
+        self._todo = None  # the rest of self.epoch after a reshape (data/remap.py); None: the whole epoch
+
+    def epoch_steps(self) -> int:
+        """Batches of the current epoch: steps_per_epoch, or the reshaped remainder's count."""
+        if self._todo is None:
+            return self.steps_per_epoch
+        return remap.remainder_steps(self._todo, self.dp_size, self.cfg.batch_size, self.cfg.drop_last)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -138,6 +147,7 @@ class TrainLoader:
         self._bad_before_epoch += self._bad_this_epoch()
         self._step = 0
         self._cursors = [None] * self.num_workers
+        self._todo = None
 
     def _bad_this_epoch(self) -> int:
         return sum(c["bad"] for c in self._cursors if c)
@@ -148,21 +158,22 @@ class TrainLoader:
             # (the trainer's loop then moves on with set_epoch(epoch + 1)).
             self._loaded_at_epoch_end = False
             return
-        if self._step >= self.steps_per_epoch:  # iterating a finished epoch again: same order, from the start
+        if self._step >= self.epoch_steps():  # iterating a finished epoch again: same order, from the start
             self._finish_epoch()
+        steps = self.epoch_steps()
         spec = _spec(self.cfg, self.shards, self.manifest, seed=self.seed, epoch=self.epoch,
-                     dp_rank=self.dp_rank, dp_size=self.dp_size, steps=self.steps_per_epoch,
-                     start_step=self._step, cursors=self._cursors, num_classes=self.num_classes)
+                     dp_rank=self.dp_rank, dp_size=self.dp_size, steps=steps,
+                     start_step=self._step, cursors=self._cursors, num_classes=self.num_classes, todo=self._todo)
         loader = _data_loader(self.cfg, TrainStream(spec))
         W = self.num_workers
         it = iter(loader)
         try:
-            while self._step < self.steps_per_epoch:
+            while self._step < steps:
                 try:
                     images, labels, erase, cursor = next(it)
                 except StopIteration:
                     raise RuntimeError(
-                        f"data loader of rank {self.dp_rank} ended after {self._step} of {self.steps_per_epoch} "
+                        f"data loader of rank {self.dp_rank} ended after {self._step} of {steps} "
                         f"batches in epoch {self.epoch}; this is a bug in distvit.data, please report it"
                     ) from None
                 expected = (self._step % W, self._step // W + 1)
@@ -182,12 +193,16 @@ class TrainLoader:
             "batch_size": self.cfg.batch_size, "steps_per_epoch": self.steps_per_epoch,
             "num_samples": self.num_samples, "num_shards": len(self.shards), "shard_split": self.cfg.shard_split,
             "shuffle": self.cfg.shuffle, "shuffle_buffer": self.cfg.shuffle_buffer,
+            "repeated_aug": self.cfg.repeated_aug, "drop_last": self.cfg.drop_last,
+            "epoch_steps": self.epoch_steps(), "todo": self._todo,
             "bad_before_epoch": self._bad_before_epoch,
             "workers": [dict(c) if c else None for c in self._cursors],
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken. Needs the same data, dp size, batch size, workers."""
+        if state.get("kind") == remap.RESHAPED:
+            return self._load_reshaped(state["ranks"])
         if state.get("version") != STATE_VERSION:
             raise DataError(f"loader state version {state.get('version')!r}, this distvit reads {STATE_VERSION}")
         now = self.state_dict()
@@ -203,7 +218,26 @@ class TrainLoader:
         self.epoch, self._step = int(state["epoch"]), int(state["step"])
         self._bad_before_epoch = int(state["bad_before_epoch"])
         self._cursors = [dict(c) if c else None for c in state["workers"]]
-        self._loaded_at_epoch_end = self._step >= self.steps_per_epoch
+        self._todo = state.get("todo")
+        self._loaded_at_epoch_end = self._step >= self.epoch_steps()
+
+    def _load_reshaped(self, states: list[dict]) -> None:
+        """Continue the epoch the old ranks (`states`, one per old dp rank) were in, on this world size:
+        every sample none of them consumed, split over this loader's ranks x workers (data/remap.py)."""
+        for s in states:
+            if s.get("version") != STATE_VERSION:
+                raise DataError(f"loader state version {s.get('version')!r}, this distvit reads {STATE_VERSION}")
+        if states and (states[0]["seed"], states[0]["shuffle"], states[0]["shard_split"]) != (
+                self.seed, self.cfg.shuffle, self.cfg.shard_split):
+            raise DataError("cannot carry the data cursor over: run.seed, data.shuffle or data.shard_split differ "
+                            "from the checkpoint's, so the epoch's sample order differs")
+        todo = remap.remainder(states, self.shards)  # raises before anything changes
+        self._finish_epoch()
+        self.epoch, self._todo = int(states[0]["epoch"]), todo
+        # The old ranks' bad-sample counts, once: on dp rank 0 (the trainer sums them over dp).
+        bad = sum(int(s["bad_before_epoch"]) + sum(c["bad"] for c in s["workers"] if c) for s in states)
+        self._bad_before_epoch = bad if self.dp_rank == 0 else 0
+        self._loaded_at_epoch_end = self.epoch_steps() == 0
 
     def stats(self) -> dict:
         return {"bad_samples": self._bad_before_epoch + self._bad_this_epoch(), "epoch": self.epoch,

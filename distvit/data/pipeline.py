@@ -58,6 +58,7 @@ class StreamSpec:
     start_step: int = 0  # batches of this epoch the rank has already consumed
     cursors: tuple = field(default=())  # per logical worker: dict or None
     classes_from: str = "the manifest's classes"  # where num_classes came from, for the bad-label message
+    todo: tuple | None = None  # the rest of an epoch resumed on another world size (data/remap.py)
 
 
 def read_label(item: dict, s: StreamSpec) -> int:
@@ -93,7 +94,7 @@ class TrainStream(IterableDataset):
         w = logical_worker(s.start_step, s.num_workers)
         plan = train_plan(list(s.shards), seed=s.seed, epoch=s.epoch, shuffle=s.shuffle, split=s.shard_split,
                           dp_rank=s.dp_rank, dp_size=s.dp_size, num_workers=s.num_workers,
-                          batch_size=s.batch_size, steps=s.steps, repeats=s.repeated_aug)[w]
+                          batch_size=s.batch_size, steps=s.steps, repeats=s.repeated_aug, todo=s.todo)[w]
         cursor = s.cursors[w] if s.cursors else None
         return WorkerStream(s, w, plan, cursor).batches()
 

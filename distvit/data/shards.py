@@ -193,6 +193,28 @@ def pieces_for_range(order: list[Shard], start: int, length: int) -> list[Piece]
     return pieces
 
 
+def todo_length(todo) -> int:
+    return sum(int(n) for _, n in todo or ())
+
+
+def todo_slice(todo, start: int, length: int) -> list[tuple[int, int]]:
+    """Runs of positions for todo-indices [start, start + length), cyclically (drop_last=false pads)."""
+    total = todo_length(todo)
+    out: list[tuple[int, int]] = []
+    if total == 0 or length <= 0:
+        return out
+    bounds = np.cumsum([0] + [int(n) for _, n in todo])
+    idx, left = start % total, length
+    while left > 0:
+        i = int(np.searchsorted(bounds, idx, side="right")) - 1
+        off = idx - int(bounds[i])
+        take = min(int(todo[i][1]) - off, left)
+        out.append((int(todo[i][0]) + off, take))
+        left -= take
+        idx = (idx + take) % total
+    return out
+
+
 @dataclass(frozen=True)
 class WorkerPlan:
     primary: list[Piece]  # this worker's share of the epoch
@@ -217,15 +239,20 @@ class WorkerPlan:
 
 def train_plan(
     shards: list[Shard], *, seed: int, epoch: int, shuffle: bool, split: str,
-    dp_rank: int, dp_size: int, num_workers: int, batch_size: int, steps: int, repeats: int = 1,
+    dp_rank: int, dp_size: int, num_workers: int, batch_size: int, steps: int, repeats: int = 1, todo=None,
 ) -> list[WorkerPlan]:
     """One plan per logical worker of `dp_rank` for `epoch`.
 
     repeats > 1 (data.repeated_aug, DeiT's RASampler; split="samples" only): the epoch reads the first
     D = dp_size * S / repeats samples of its sequence (S = steps x batch per rank), and rank r the S
     positions from r * S / repeats, cyclically within D, so every one of them is read by `repeats`
-    consecutive, different ranks (exactly when repeats divides S); each rank still makes `steps` batches."""
+    consecutive, different ranks (exactly when repeats divides S); each rank still makes `steps` batches.
+
+    todo ([start, length] runs of the sequence; the rest of an epoch resumed on another world size,
+    data/remap.py): rank r reads the todo-indices [r * S, (r + 1) * S), its workers sub-ranges of it."""
     order = epoch_order(shards, seed, epoch, shuffle)
+    if todo is not None:
+        return _todo_plan(order, todo, dp_rank, batch_size, steps, num_workers)
     if repeats > 1:
         order = repeated_order(order, dp_size * steps * batch_size, repeats)
     quotas = [b * batch_size for b in worker_batches(steps, num_workers)]
@@ -251,6 +278,18 @@ def train_plan(
         # A share with no shard at all borrows from the epoch sequence, starting at a per-slot offset.
         offset = (dp_rank * num_workers + w) * total // max(1, dp_size * num_workers)
         plans.append(WorkerPlan(primary, quotas[w], offset, tuple(order), tuple(own) if own else None))
+    return plans
+
+
+def _todo_plan(order: list[Shard], todo, dp_rank: int, batch_size: int, steps: int, num_workers: int) -> list[WorkerPlan]:
+    total = sum(s.samples for s in order)
+    start, plans = dp_rank * steps * batch_size, []
+    for quota in (b * batch_size for b in worker_batches(steps, num_workers)):
+        spans = todo_slice(todo, start, quota)
+        pieces = [piece for pos, n in spans for piece in pieces_for_range(order, pos, n)]
+        after = (spans[-1][0] + spans[-1][1]) % total if spans else 0
+        plans.append(WorkerPlan(pieces, quota, after, tuple(order), None))
+        start += quota
     return plans
 
 

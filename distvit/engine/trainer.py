@@ -21,6 +21,7 @@ import torch
 
 from distvit import launch_check, watchdog
 from distvit.checkpoint import io as ckio
+from distvit.checkpoint import elastic
 from distvit.checkpoint import resume as ckresume
 from distvit.checkpoint import state as ckstate
 from distvit.config import Config, ConfigError, save_config
@@ -98,10 +99,14 @@ class Trainer:
     def _resolve_resume(self, resume: str | None) -> Path | None:
         self._saved_tags: set[Path] = set()
         self._resume_candidates: list[Path] = []
+        self._elastic_note: str | None = None
         if resume:
             if resume == "auto":  # the newest first; _load moves on when one fails to load
                 self._resume_candidates = ckio.resume_candidates(self.ckpt_root, log=log0)
                 found = self._resume_candidates[0] if self._resume_candidates else None
+                if found is not None:  # saved by another world size: reshape it first (checkpoint/elastic.py)
+                    self._resume_candidates, self._elastic_note = elastic.for_this_world(self, self._resume_candidates, log0)
+                    found = self._resume_candidates[0]
             else:
                 found = ckio.resolve_resume(resume, self.ckpt_root, log=log0)
             if found is None:
