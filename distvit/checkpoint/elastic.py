@@ -48,11 +48,11 @@ def _outcome_of_rank0(error: str | None, is_main: bool, world_size: int, name: s
     dies meanwhile is still caught by the heartbeat watchdog (distvit/watchdog.py)."""
     from datetime import timedelta
 
-    from distvit import dist as ddist
+    from distvit.parallel import mesh as ddist
     from distvit import watchdog
 
     store = ddist._store
-    if world_size == 1 or store is None:  # one process, or a group made outside distvit.dist.init
+    if world_size == 1 or store is None:  # one process, or a group made outside distvit.parallel.mesh.init
         from distvit.checkpoint.resume import _all_ok
 
         return None if _all_ok(error is None) else (error or "rank 0 could not reshape it (its log says why)")

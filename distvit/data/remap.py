@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 
 from distvit.data.errors import DataError
-from distvit.data.shards import Shard, epoch_order, stable_rng, todo_length, todo_slice, train_plan
+from distvit.data.shards import Shard, epoch_order, stable_rng, todo_length, train_plan
 
 RESHAPED = "reshaped"  # kind of a loader state that holds every old rank's state, to be re-split
 
