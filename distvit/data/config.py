@@ -15,6 +15,31 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class PackingConfig(BaseModel):
+    """`data.packing`: native-resolution training (NaViT): whole images of any size packed into sequences.
+
+    With it, data.batch_size is the number of packed sequences (rows) per micro-batch and rank, each of
+    at most max_tokens patches; images keep their aspect ratio (docs/native_resolution.md)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    max_tokens: int = 256  # patches per sequence (the model adds its prefix tokens per image)
+    min_side: int = 32  # pixels: the shorter side is scaled up to at least this (the longer-side bound wins)
+    max_side: int = 256  # pixels: the longer side is scaled down to at most this
+    resize: Literal["native", "random_res"] = "native"  # random_res: a longer-side bound drawn per sample
+    lookahead: int = 8  # images tried after one that does not fit before a batch is closed (1: plain greedy)
+
+    @model_validator(mode="after")
+    def _sides(self):
+        for name in ("max_tokens", "min_side", "max_side", "lookahead"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.packing.{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_side > self.max_side:
+            raise ValueError(f"data.packing.min_side={self.min_side} is above max_side={self.max_side}; "
+                             "set min_side <= max_side")
+        return self
+
+
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -62,6 +87,9 @@ class DataConfig(BaseModel):
     mixup_switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup
     mixup_mode: Literal["batch", "pair", "elem"] = "batch"
     repeated_aug: int = 1  # DeiT's RASampler: each sample seen this many times per epoch, on different ranks
+
+    # Native-resolution packing (NaViT); None: square crops of img_size. See PackingConfig.
+    packing: PackingConfig | None = None
 
     on_error: Literal["raise", "skip"] = "skip"  # bad tar / image / label: stop, or warn, count and go on
     max_logged_errors: int = 20  # per worker and epoch; the rest are counted only
@@ -171,6 +199,12 @@ class DataConfig(BaseModel):
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise ValueError(f"data.batch_size={self.batch_size} is odd, but mixup/cutmix pair each sample with the "
                              f"batch reversed; set data.batch_size={self.batch_size + 1} or data.mixup=data.cutmix=0")
+        if self.packing is not None:
+            mixing = [n for n in ("mixup", "cutmix", "reprob") if getattr(self, n) > 0] + (
+                ["auto_augment"] if self.auto_augment else []) + (["repeated_aug"] if self.repeated_aug > 1 else [])
+            if mixing:
+                raise ValueError(f"data.packing takes whole images at their own size; data.{mixing[0]} needs square "
+                                 f"batches of one size; set data.{mixing[0]} off or data.packing=null")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"data.std must be > 0 per channel, got {self.std}")
         return self

@@ -36,6 +36,8 @@ class PackedBatch:
     image_slots: torch.Tensor
     patch_size: tuple[int, int]
     in_chans: int
+    # Set by the packed loader: the patch grids of every image all dp ranks see in this step (img/s, FLOPs).
+    step_grids: torch.Tensor | None = None
 
     @property
     def num_images(self) -> int:
@@ -49,8 +51,15 @@ class PackedBatch:
         """Real patches over all slots (1 - padding fraction)."""
         return float(self.seq_lens.sum()) / max(1, self.patches.shape[0] * self.patches.shape[1])
 
-    def to(self, device) -> "PackedBatch":
-        moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
+    def __len__(self) -> int:
+        return self.num_images
+
+    def to(self, device, dtype: torch.dtype | None = None, non_blocking: bool = False) -> "PackedBatch":
+        """On `device`; `dtype` casts the patch pixels only (index tables stay integer)."""
+        moved = {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v)
+                 for k, v in self.__dict__.items()}
+        if dtype is not None:
+            moved["patches"] = moved["patches"].to(dtype)
         return PackedBatch(**moved)
 
 
