@@ -36,7 +36,7 @@ from distvit.checkpoint.reshape import is_universal
 from distvit.config import Config, ConfigError, save_config
 from distvit.data import build_train_loader, build_val_loader, read_manifest
 from distvit.data.mixup import build_mixer
-from distvit.engine import distill, lr_scale
+from distvit.engine import distill, lr_scale, packed_train
 from distvit.engine.deepspeed_config import build_ds_config, resolve_precision
 from distvit.engine.loss import cross_entropy
 from distvit.engine.startup import check_output_dir
@@ -139,11 +139,14 @@ class Trainer:
         if cfg.run.compile:  # in place: parameter names and DeepSpeed's hooks stay as they are
             model.compile()
         classes = getattr(model, "num_classes", None)  # labels outside the head are bad samples, not IndexError
+        packed_train.check(cfg, model)  # data.packing: PackedBatch micro-batches (engine/packed_train.py)
+        patch = packed_train.patch_size(model)
         self.train_loader = build_train_loader(cfg.data, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size,
-                                               seed=cfg.run.seed, num_classes=classes, device=self.device)
+                                               seed=cfg.run.seed, num_classes=classes, device=self.device,
+                                               patch_size=patch)
         self.val_loader = (
             build_val_loader(cfg.data, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size, num_classes=classes,
-                             device=self.device)
+                             device=self.device, patch_size=patch)
             if cfg.data.val else None
         )
         accum = cfg.parallel.grad_accum
@@ -193,6 +196,8 @@ class Trainer:
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         # A frozen teacher beside the engine (never wrapped by DeepSpeed), in the student's precision.
         self.distiller = distill.build_distiller(cfg, self.engine.module, self.device, self.input_dtype)
+        packed_train.check_teacher(cfg, self.distiller and self.distiller.teacher)
+        self._images_done = 0  # images trained on since this process started (all dp ranks)
         self.mixer = build_mixer(cfg.data, self.engine.module.num_classes)  # None without mixup / cutmix
 
         self.step = 0
@@ -265,6 +270,8 @@ class Trainer:
             lines.append(f"  {3 * self.flops_per_image * global_batch / 1e12:.4f} TFLOPs/step (fwd+bwd)")
         if self.distiller is not None:
             lines.append(f"  {self.distiller.describe()}")
+        if packed_train.describe(cfg):
+            lines.append(packed_train.describe(cfg))
         if self.resume_from is not None:
             lines.append(f"  resumed from {self.resume_from} at step {self.step}, epoch {self.epoch}")
         lines.append(f"  run folder: {self.run_dir}")
@@ -354,7 +361,7 @@ class Trainer:
         read step (`_read_steps`), which checks it for NaN/inf on every rank before any save."""
         engine = self.engine
         micro_losses = []
-        images_seen = 0
+        images_seen, flops = 0, 0.0
         for micro in range(self.cfg.parallel.grad_accum):
             images, labels = next(batches)
             images = images.to(self.device, dtype=self.input_dtype, non_blocking=True)
@@ -373,12 +380,14 @@ class Trainer:
                 self._clip()
             engine.step()
             micro_losses.append(loss.detach())
-            images_seen += images.shape[0]
+            n, f = packed_train.step_counts(images, labels, self.mesh.dp_size, engine.module, self.flops_per_image)
+            images_seen, flops = images_seen + n, None if f is None or flops is None else flops + f
         self.step += 1
+        self._images_done += images_seen
         self._step_sync.add(self.step, micro_losses)
         if self.ema is not None:
             self._update_ema()
-        return {"images": images_seen * self.mesh.dp_size}
+        return {"images": images_seen, "flops": flops}
 
     def _read_steps(self):
         """The read step: one fused all-reduce (loss, NaN check, preemption flag, bad samples)."""
@@ -455,7 +464,7 @@ class Trainer:
             progress = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                             file=sys.stdout, mininterval=1.0)
         eval_every = cfg.run.eval_every or self.steps_per_epoch
-        images_timed, time_timed, steps_timed = 0, 0.0, 0
+        images_timed, time_timed, steps_timed, flops_timed = 0, 0.0, 0, 0.0
         last_eval: dict = {}
         exit_reason = "finished"
         self.engine.train()
@@ -472,12 +481,14 @@ class Trainer:
                 is_save = bool(every) and self.step % every == 0 and not is_last
                 reading = self._read_steps() if (is_log or is_eval or is_save) else None
                 images_timed += out["images"]
+                flops_timed = None if out["flops"] is None or flops_timed is None else flops_timed + out["flops"]
                 time_timed += time.perf_counter() - t0  # includes the read: the device caught up there
                 steps_timed += 1
                 row = None
                 if is_log:
-                    row = self._metrics_row(reading, images_timed / max(time_timed, 1e-9), time_timed / steps_timed)
-                    images_timed, time_timed, steps_timed = 0, 0.0, 0
+                    row = self._metrics_row(reading, images_timed / max(time_timed, 1e-9), time_timed / steps_timed,
+                                            None if flops_timed is None else flops_timed / max(time_timed, 1e-9))
+                    images_timed, time_timed, steps_timed, flops_timed = 0, 0.0, 0, 0.0
                 if is_eval:
                     last_eval = self._evaluate_all()
                     row = {**(row or {"step": self.step, "epoch": self.epoch}), **last_eval}
@@ -512,11 +523,12 @@ class Trainer:
             self.best = {"val_top1": result["val_top1"], "val_top5": result["val_top5"]}
         return result
 
-    def _metrics_row(self, reading, img_per_s: float, step_time: float) -> dict:
-        """A log row: the last step's loss (mean over dp, from the fused read), lr and grad norm read now."""
+    def _metrics_row(self, reading, img_per_s: float, step_time: float, flops_per_s: float | None) -> dict:
+        """A log row: the last step's loss (mean over dp, from the fused read), lr and grad norm read now.
+        flops_per_s: forward FLOPs of the real tokens trained per second, all ranks (engine/packed_train.py)."""
         tflops = mfu = None
-        if self.flops_per_image:
-            tflops = 3 * self.flops_per_image * img_per_s / 1e12 / self.mesh.world_size  # per rank
+        if flops_per_s:
+            tflops = 3 * flops_per_s / 1e12 / self.mesh.world_size  # per rank
             mfu = tflops / self.peak_tflops if self.peak_tflops else None
         return {
             "step": self.step, "epoch": self.epoch, "loss": reading.loss, "lr": self.engine.get_lr()[0],
@@ -524,6 +536,7 @@ class Trainer:
             "img_per_s": img_per_s, "step_time_s": step_time, "tflops": tflops, "mfu": mfu,
             "peak_mem_gib": peak_memory_gib(self.device), "bad_samples": reading.bad_samples,
             **offload.stats(self.offload),
+            **({"pack_fill": self.train_loader.stats()["pack_fill"]} if self.cfg.data.packing else {}),
         }
 
     def export(self, tag_dir: Path) -> Path | None:
@@ -553,7 +566,7 @@ class Trainer:
         return summary
 
     def _throughput(self, global_batch: int, wall_s: float) -> float:
-        return (self.step - self._start_step) * global_batch / max(wall_s, 1e-9)
+        return self._images_done / max(wall_s, 1e-9)  # images counted per step (packed steps vary)
 
 
 def _rng_isolated(iterable):
