@@ -114,11 +114,11 @@ def test_packed_distillation_ema_offload_kill_and_resume_is_bitwise(digits_dir, 
               "data.packing.resize=random_res", "run.max_steps=6", "checkpoint.every_steps=3", "checkpoint.keep=3",
               "model.drop_path_rate=0.1"]
     straight = packed_args(digits_dir, tmp_path, "straight", *common)
-    launch(straight)
+    launch(straight, timeout=600)
     args = packed_args(digits_dir, tmp_path, "interrupted", *common)
-    crashed = launch(args, env=run_env(DISTVIT_TEST_FAULT="kill_at_step:4:1"), check=False)
+    crashed = launch(args, env=run_env(DISTVIT_TEST_FAULT="kill_at_step:4:1"), check=False, timeout=600)
     assert crashed.returncode != 0, "the injected fault did not stop the run"
-    resumed = launch(args + ["--resume", "auto"])
+    resumed = launch(args + ["--resume", "auto"], timeout=600)
     assert "step_00000003" in resumed.stdout
     assert losses(tmp_path / "interrupted") == losses(tmp_path / "straight")  # as text: bitwise
     a, b = load_weights(tmp_path / "straight" / "model.safetensors"), load_weights(tmp_path / "interrupted" / "model.safetensors")
@@ -167,3 +167,20 @@ def test_packed_step_counts_real_images_and_tokens():
     assert packed_flops(model, pack([torch.zeros(1, 8, 8)], 2, 64)) == model.flops_per_image()
     # Square batches: the image count over dp ranks and flops_per_image each.
     assert step_counts(torch.zeros(5, 1, 8, 8), torch.zeros(5), 2, model, 7.0) == (10, 70.0)
+
+
+
+def test_native_res_and_1024_sp4_configs_fit_their_models():
+    from distvit import models
+
+    native = load_config("vit_base_patch16_native_res")
+    p = native.data.packing
+    assert p is not None and (p.max_side // 16) ** 2 <= p.max_tokens  # the largest image fits one row
+    hi = load_config("vit_base_patch16_1024_sp4")
+    with torch.device("meta"):  # shapes only
+        model = models.create(hi.model.name, img_size=hi.model.img_size, num_classes=hi.model.num_classes)
+    assert model.patch_embed.num_patches == 4096 and model.pos_embed.shape[1] == 4097
+    sp, heads = hi.parallel.sp_size, model.num_heads
+    # Ulysses needs the heads to divide by sp; beyond that the config must say hybrid.
+    assert heads % sp == 0 if hi.parallel.sp_impl == "ulysses" else heads % hi.parallel.ulysses_size == 0
+    assert hi.parallel.activation_checkpointing
