@@ -55,8 +55,9 @@ class PackedBatch:
         return self.num_images
 
     def to(self, device, dtype: torch.dtype | None = None, non_blocking: bool = False) -> "PackedBatch":
-        """On `device`; `dtype` casts the patch pixels only (index tables stay integer)."""
-        moved = {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v)
+        """On `device`; `dtype` casts the patch pixels only (index tables stay integer). step_grids stay on
+        the host: the trainer counts FLOPs from them without waiting for the device."""
+        moved = {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) and k != "step_grids" else v)
                  for k, v in self.__dict__.items()}
         if dtype is not None:
             moved["patches"] = moved["patches"].to(dtype)
