@@ -38,7 +38,7 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--sides", type=int, nargs="+", default=[256, 384, 512, 640, 768, 896, 1024])
-    p.add_argument("--budget-mb", type=float, default=100.0, help="peak activation memory allowed per rank")
+    p.add_argument("--budget-mb", type=float, default=64.0, help="peak activation memory allowed per rank")
     p.add_argument("--dim", type=int, default=192)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)

@@ -184,3 +184,13 @@ def test_native_res_and_1024_sp4_configs_fit_their_models():
     # Ulysses needs the heads to divide by sp; beyond that the config must say hybrid.
     assert heads % sp == 0 if hi.parallel.sp_impl == "ulysses" else heads % hi.parallel.ulysses_size == 0
     assert hi.parallel.activation_checkpointing
+
+
+def test_a_model_without_packed_forward_is_refused_naming_the_fix():
+    from distvit import models
+    from distvit.config import ConfigError
+    from distvit.engine.packed_train import check
+
+    cfg = load_config("swin_digits", ["data.packing.max_tokens=64", "data.packing.min_side=4", "data.packing.max_side=8"])
+    with pytest.raises(ConfigError, match="data.packing needs a model with a packed forward .* set data.packing=null"):
+        check(cfg, models.create(cfg.model.name, num_classes=10))

@@ -23,14 +23,13 @@ def patch_size(model: torch.nn.Module):
 
 
 def check(cfg: Config, model: torch.nn.Module) -> None:
-    """data.packing needs a model (and teacher) with forward_packed: the ViT family."""
+    """data.packing needs a model with forward_packed: the ViT family (square-batch augmentations are
+    refused by the data config itself)."""
     if cfg.data.packing is None:
         return
     if not hasattr(model, "forward_packed"):
         raise ConfigError(f"data.packing needs a model with a packed forward (the ViT/DeiT family); "
                           f"model.name={cfg.model.name!r} has none; pick a ViT or set data.packing=null")
-    if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
-        raise ConfigError("data.packing with data.mixup/cutmix: mixing needs square batches; set them to 0")
 
 
 def check_teacher(cfg: Config, teacher: torch.nn.Module | None) -> None:
