@@ -257,6 +257,7 @@ class Trainer:
         cfg = self.cfg
         global_batch = cfg.data.batch_size * cfg.parallel.grad_accum * self.mesh.dp_size
         tokens = getattr(getattr(self.engine.module, "patch_embed", None), "num_patches", None)
+        tokens = None if cfg.data.packing else tokens  # packed: images of many sizes (packed_train.describe)
         lines = [
             f"distvit: {cfg.model.name} ({self.num_params / 1e6:.2f}M params) on {self.mesh.world_size} rank(s) "
             f"[{self.info.launcher}], dp={self.mesh.dp_size} sp={self.mesh.sp_size}, device={self.device.type}, "
