@@ -121,7 +121,8 @@ def test_packed_distillation_ema_offload_kill_and_resume_is_bitwise(digits_dir, 
     resumed = launch(args + ["--resume", "auto"], timeout=600)
     assert "step_00000003" in resumed.stdout
     assert losses(tmp_path / "interrupted") == losses(tmp_path / "straight")  # as text: bitwise
-    a, b = load_weights(tmp_path / "straight" / "model.safetensors"), load_weights(tmp_path / "interrupted" / "model.safetensors")
+    a = load_weights(tmp_path / "straight" / "model.safetensors")
+    b = load_weights(tmp_path / "interrupted" / "model.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
     s = summary(tmp_path / "straight")
@@ -191,6 +192,7 @@ def test_a_model_without_packed_forward_is_refused_naming_the_fix():
     from distvit.config import ConfigError
     from distvit.engine.packed_train import check
 
-    cfg = load_config("swin_digits", ["data.packing.max_tokens=64", "data.packing.min_side=4", "data.packing.max_side=8"])
+    packing = ["data.packing.max_tokens=64", "data.packing.min_side=4", "data.packing.max_side=8"]
+    cfg = load_config("swin_digits", packing)
     with pytest.raises(ConfigError, match="data.packing needs a model with a packed forward .* set data.packing=null"):
         check(cfg, models.create(cfg.model.name, num_classes=10))
