@@ -2,8 +2,8 @@
 
 - ZeRO-2 with sp=2 (Ulysses) on packed digits at native size equals one process (plain torch AdamW
   on the same packed batches, forward_packed);
-- ZeRO-3 with activation checkpointing, dp=2, random_res sizes equals one process whose loss is the
-  mean of the two ranks' per-rank means (what data parallelism averages);
+- ZeRO-3 with activation checkpointing, dp=2, random_res sizes (the ranks hold different image counts)
+  equals one process whose loss is the mean over all the step's images;
 - distillation (the teacher sees the student's packed batch) with EMA and CPU offload: kill -9 and
   --resume auto give the uninterrupted run's losses and weights bitwise;
 - img/s and FLOPs of a packed step count the real images and tokens of every rank.
@@ -36,7 +36,7 @@ def packed_args(digits_dir, run_root, name, *extra):
 
 
 def packed_reference(cfg, steps: int, dp_size: int):
-    """One process, plain AdamW; each step's loss is the mean over dp ranks of each rank's packed-batch mean."""
+    """One process, plain AdamW; each step's loss is the mean over every image of the dp ranks' packed batches."""
     from distvit.data import build_train_loader
     from distvit.engine.optim import param_groups
     from distvit.engine.schedule import build_scheduler
@@ -54,20 +54,25 @@ def packed_reference(cfg, steps: int, dp_size: int):
                                     patch_size=model.patch_embed.patch_size)
         loader.set_epoch(0)
         iters.append(iter(loader))
-    step_losses = []
+    step_losses, counts = [], []
     for _ in range(steps):
-        loss = sum(F.cross_entropy(model.forward_packed(p), y) for p, y in (next(it) for it in iters)) / dp_size
+        batches = [next(it) for it in iters]
+        counts.append([len(y) for _, y in batches])
+        total = sum(len(y) for _, y in batches)  # the step's images over all ranks
+        loss = sum(F.cross_entropy(model.forward_packed(p), y, reduction="sum") for p, y in batches) / total
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step_losses.append(loss.item())
-    return model.state_dict(), step_losses
+    return model.state_dict(), step_losses, counts
 
 
 def _compare(run_dir, cfg, dp_size):
-    ref_state, ref_losses = packed_reference(cfg, STEPS, dp_size)
+    ref_state, ref_losses, counts = packed_reference(cfg, STEPS, dp_size)
+    if dp_size > 1:  # the ranks hold different image counts in some step: the loss weighting matters
+        assert any(len(set(c)) > 1 for c in counts), counts
     got = load_weights(run_dir / "model.safetensors")
     assert set(got) == set(ref_state)
     # fp32; the ranks split attention (sp) or average two gradients (dp) where the reference computes

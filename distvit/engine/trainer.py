@@ -374,6 +374,7 @@ class Trainer:
                 loss = self.distiller.loss(images, logits, labels)
             else:
                 loss = cross_entropy(logits, labels, label_smoothing=self.cfg.optim.label_smoothing)
+            loss = packed_train.weighted(loss, images, labels, self.mesh.dp_size)  # packed: mean over the step
             if _fault_armed("nan_loss", self.step + 1):
                 loss = loss * float("nan")
             engine.backward(loss)
