@@ -5,8 +5,9 @@ passes them to the engine as it passes image tensors (`engine(packed)`: VisionTr
 hands a PackedBatch to forward_packed, through the module call so that DeepSpeed's hooks, ZeRO-3's
 parameter gathering included, run as for images). The teacher of distillation gets the same packed
 batch. What differs is counting: a packed step holds a varying number of images of varying sizes, so
-the loss is weighted to the mean over the step's images on all ranks (`weighted`), and img/s and FLOPs (MFU) come from the images of the step on every dp rank (`step_grids`, from
-the loader's global plan), counting real tokens only (models/packed.py `grid_flops`).
+the loss is weighted to the mean over the step's images on all ranks (`weighted`), and img/s and
+FLOPs (MFU) come from the images of the step on every dp rank (`step_grids`, from the loader's
+global plan), counting real tokens only (models/packed.py `grid_flops`).
 """
 from __future__ import annotations
 
