@@ -158,10 +158,10 @@ def test_the_teacher_sees_the_student_s_packed_batch(digits_dir):
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_packed_step_counts_real_images_and_tokens():
+def test_packed_step_counts_real_images_and_tokens_and_weights_the_loss():
     from distvit import models
     from distvit.data.packing import pack
-    from distvit.engine.packed_train import step_counts
+    from distvit.engine.packed_train import step_counts, weighted
     from distvit.models.packed import packed_flops
 
     model = models.create("vit_digits", num_classes=10)
@@ -171,6 +171,9 @@ def test_packed_step_counts_real_images_and_tokens():
     assert n == 4
     assert flops == packed_flops(model, packed) + model.flops_per_image()
     assert packed_flops(model, pack([torch.zeros(1, 8, 8)], 2, 64)) == model.flops_per_image()
+    # This rank's mean over 3 images, weighted 3 x 2 / 4: DeepSpeed's dp average is then the mean over all 4.
+    assert weighted(torch.tensor(2.0), packed, torch.zeros(3), 2).item() == 3.0
+    assert weighted(torch.tensor(2.0), torch.zeros(3, 1, 8, 8), torch.zeros(3), 2).item() == 2.0
     # Square batches: the image count over dp ranks and flops_per_image each.
     assert step_counts(torch.zeros(5, 1, 8, 8), torch.zeros(5), 2, model, 7.0) == (10, 70.0)
 
