@@ -34,6 +34,7 @@ ERASE_MODES = ("const", "rand", "pixel")  # random erasing fill (timm's remode)
 MIXUP_MODES = ("batch", "pair", "elem")
 ON_ERROR = ("raise", "skip")
 MP_CONTEXTS = ("fork", "spawn", "forkserver")
+PACK_RESIZE = ("native", "random_res")  # data.packing.resize (distvit/data/packing.py)
 
 
 def bounded(*, ge=None, gt=None, le=None, lt=None, hint: str = "", note: str = "") -> AfterValidator:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,14 @@ def _check_unknown(tree: dict, model: type[BaseModel], origins: dict[str, str], 
             _check_unknown(value, sub, origins, dotted + ".")
 
 
+def _section_type(annotation: Any) -> Any:
+    """The BaseModel inside `X | None` (an optional section such as data.packing), else the annotation."""
+    for arg in typing.get_args(annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return annotation
+
+
 def _type_error(exc: ValidationError, tree: dict, origins: dict[str, str]) -> ConfigError:
     err = exc.errors()[0]
     loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal["))]
@@ -181,7 +190,7 @@ def _type_error(exc: ValidationError, tree: dict, origins: dict[str, str]) -> Co
     for part in loc:
         if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
             fields.append(part)
-            model = model.model_fields[part].annotation
+            model = _section_type(model.model_fields[part].annotation)
         elif part.isdigit():
             fields.append(part)
     dotted = ".".join(fields)

@@ -17,7 +17,7 @@ from distvit.data.config import DataConfig
 from distvit.errors import UserError
 from distvit.offload import Settings as OffloadSettings
 
-STEP_NOTE = "a run needs at least one step"
+STEPS_OR_NULL = bounded(ge=1, hint="or null", note="a run needs at least one step")
 
 
 class ConfigError(UserError, ValueError):
@@ -32,9 +32,11 @@ class RunConfig(Section):
     name: str = "default"
     output_dir: str = "runs"  # the run folder is output_dir/name
     seed: int = 0
-    epochs: Annotated[int | None, bounded(ge=1, hint="or null", note=STEP_NOTE)] = 1  # train for this many epochs ...
-    max_steps: Annotated[int | None, bounded(ge=1, hint="or null", note=STEP_NOTE)] = None  # ... or stop at this many optimizer steps (wins when both are set)
-    eval_every: Annotated[int, bounded(ge=0, hint="(0: evaluate at each epoch end)")] = 0  # optimizer steps between evaluations; 0: at each epoch end and at the end
+    # Train for this many epochs, or stop at this many optimizer steps (max_steps wins when both are set).
+    epochs: Annotated[int | None, STEPS_OR_NULL] = 1
+    max_steps: Annotated[int | None, STEPS_OR_NULL] = None
+    # Optimizer steps between evaluations; 0: at each epoch end (and always at the end).
+    eval_every: Annotated[int, bounded(ge=0, hint="(0: evaluate at each epoch end)")] = 0
     device: Literal[DEVICES] = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     compile: bool = False  # torch.compile the model (inductor); see docs/recipes.md for the cost on CPU

@@ -284,12 +284,23 @@ class ValLoader:
 
 
 def build_train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, seed: int,
-                       num_classes: int | None = None, device=None) -> TrainLoader:
+                       num_classes: int | None = None, device=None, patch_size=None) -> TrainLoader:
     """`num_classes`: the model's class count; a label outside it is a bad sample (data.on_error).
-    `device`: where the uint8 batches are copied (pinned, non-blocking on CUDA) and normalised; CPU if None."""
+    `device`: where the uint8 batches are copied (pinned, non-blocking on CUDA) and normalised; CPU if None.
+    With data.packing: a packed_loader.PackedTrainLoader for a model with this `patch_size`."""
+    if cfg.packing is not None:
+        from distvit.data.packed_loader import PackedTrainLoader
+
+        return PackedTrainLoader(cfg, dp_rank=dp_rank, dp_size=dp_size, seed=seed, patch_size=patch_size,
+                                 num_classes=num_classes, device=device)
     return TrainLoader(cfg, dp_rank=dp_rank, dp_size=dp_size, seed=seed, num_classes=num_classes, device=device)
 
 
 def build_val_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, num_classes: int | None = None,
-                     device=None) -> ValLoader:
+                     device=None, patch_size=None) -> ValLoader:
+    if cfg.packing is not None:
+        from distvit.data.packed_loader import PackedValLoader
+
+        return PackedValLoader(cfg, dp_rank=dp_rank, dp_size=dp_size, patch_size=patch_size,
+                               num_classes=num_classes, device=device)
     return ValLoader(cfg, dp_rank=dp_rank, dp_size=dp_size, num_classes=num_classes, device=device)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from distvit.choices import PACK_RESIZE
+
 
 
 @dataclass
@@ -36,6 +38,8 @@ class PackedBatch:
     image_slots: torch.Tensor
     patch_size: tuple[int, int]
     in_chans: int
+    # Set by the packed loader: the patch grids of every image all dp ranks see in this step (img/s, FLOPs).
+    step_grids: torch.Tensor | None = None
 
     @property
     def num_images(self) -> int:
@@ -49,8 +53,16 @@ class PackedBatch:
         """Real patches over all slots (1 - padding fraction)."""
         return float(self.seq_lens.sum()) / max(1, self.patches.shape[0] * self.patches.shape[1])
 
-    def to(self, device) -> "PackedBatch":
-        moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
+    def __len__(self) -> int:
+        return self.num_images
+
+    def to(self, device, dtype: torch.dtype | None = None, non_blocking: bool = False) -> "PackedBatch":
+        """On `device`; `dtype` casts the patch pixels only (index tables stay integer). step_grids stay on
+        the host: the trainer counts FLOPs from them without waiting for the device."""
+        moved = {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) and k != "step_grids" else v)
+                 for k, v in self.__dict__.items()}
+        if dtype is not None:
+            moved["patches"] = moved["patches"].to(dtype)
         return PackedBatch(**moved)
 
 
@@ -138,7 +150,7 @@ def pack(images, patch_size, max_tokens: int, max_images_per_seq: int | None = N
 
 # --- resizing and collation for the loader (data.packing: {max_tokens, min_side, max_side, resize}) ----------
 
-RESIZE_MODES = ("native", "random_res")
+RESIZE_MODES = PACK_RESIZE  # data.packing.resize
 
 
 def target_size(h: int, w: int, patch: int, min_side: int, max_side: int, mode: str = "native",

@@ -24,7 +24,7 @@ from distvit.checkpoint.reshape import is_universal
 from distvit.config import Config, ConfigError
 from distvit.data import build_train_loader, build_val_loader, read_manifest
 from distvit.data.mixup import build_mixer
-from distvit.engine import distill
+from distvit.engine import distill, packed_train
 from distvit.engine.optim import build_optimizer, freeze_parameters
 from distvit.engine.schedule import build_scheduler
 from distvit.engine.step_sync import StepSync
@@ -107,11 +107,13 @@ def build(cfg: Config, mesh: ddist.Mesh, device: torch.device, resume_from: Path
     if cfg.run.compile:  # in place: parameter names and DeepSpeed's hooks stay as they are
         model.compile()
     classes = getattr(model, "num_classes", None)  # labels outside the head are bad samples, not IndexError
+    packed_train.check(cfg, model)  # data.packing: PackedBatch micro-batches (engine/packed_train.py)
+    patch = packed_train.patch_size(model)
     train_loader = build_train_loader(cfg.data, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
-                                      seed=cfg.run.seed, num_classes=classes, device=device)
+                                      seed=cfg.run.seed, num_classes=classes, device=device, patch_size=patch)
     val_loader = (
         build_val_loader(cfg.data, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, num_classes=classes,
-                         device=device)
+                         device=device, patch_size=patch)
         if cfg.data.val else None
     )
     accum = cfg.parallel.grad_accum
@@ -153,6 +155,7 @@ def build(cfg: Config, mesh: ddist.Mesh, device: torch.device, resume_from: Path
     input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     # A frozen teacher beside the engine (never wrapped by DeepSpeed), in the student's precision.
     distiller = distill.build_distiller(cfg, engine.module, device, input_dtype)
+    packed_train.check_teacher(cfg, distiller and distiller.teacher)
     mixer = build_mixer(cfg.data, engine.module.num_classes)  # None without mixup / cutmix
 
     return Parts(engine=engine, train_loader=train_loader, val_loader=val_loader, steps_per_epoch=steps_per_epoch,

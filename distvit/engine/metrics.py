@@ -33,6 +33,7 @@ COLUMNS = [
     "peak_mem_gib", "bad_samples", "val_loss", "val_top1", "val_top5", "ema_val_top1",
     "val_top1_cls", "val_top1_dist",  # distilled models: each head alone (val_top1 is their average)
     "offload_device_fraction", "offload_predicted_update_s", "offload_measured_update_s", "offload_replans",  # distvit.offload.STATS_COLUMNS
+    "pack_fill",  # data.packing: real patches / slots of the epoch's packed batches
 ]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from distvit import offload
 from distvit.checkpoint import io as ckio
+from distvit.engine import packed_train
 from distvit.engine.metrics import peak_memory_gib
 from distvit.engine.step_tuning import grad_norm
 
@@ -16,6 +17,7 @@ def run_plan(t) -> str:
     cfg = t.cfg
     global_batch = cfg.data.batch_size * cfg.parallel.grad_accum * t.mesh.dp_size
     tokens = getattr(getattr(t.engine.module, "patch_embed", None), "num_patches", None)
+    tokens = None if cfg.data.packing else tokens  # packed: images of many sizes (packed_train.describe)
     lines = [
         f"distvit: {cfg.model.name} ({t.num_params / 1e6:.2f}M params) on {t.mesh.world_size} rank(s) "
         f"[{t.info.launcher}], dp={t.mesh.dp_size} sp={t.mesh.sp_size}, device={t.device.type}, "
@@ -29,17 +31,20 @@ def run_plan(t) -> str:
         lines.append(f"  {3 * t.flops_per_image * global_batch / 1e12:.4f} TFLOPs/step (fwd+bwd)")
     if t.distiller is not None:
         lines.append(f"  {t.distiller.describe()}")
+    if packed_train.describe(cfg):
+        lines.append(packed_train.describe(cfg))
     if t.resume_from is not None:
         lines.append(f"  resumed from {t.resume_from} at step {t.step}, epoch {t.epoch}")
     lines.append(f"  run folder: {t.run_dir}")
     return "\n".join(lines)
 
 
-def metrics_row(t, reading, img_per_s: float, step_time: float) -> dict:
-    """A log row: the last step's loss (mean over dp, from the fused read), lr and grad norm read now."""
+def metrics_row(t, reading, img_per_s: float, step_time: float, flops_per_s: float | None) -> dict:
+    """A log row: the last step's loss (mean over dp, from the fused read), lr and grad norm read now.
+    flops_per_s: forward FLOPs of the real tokens trained per second, all ranks (engine/packed_train.py)."""
     tflops = mfu = None
-    if t.flops_per_image:
-        tflops = 3 * t.flops_per_image * img_per_s / 1e12 / t.mesh.world_size  # per rank
+    if flops_per_s:
+        tflops = 3 * flops_per_s / 1e12 / t.mesh.world_size  # per rank
         mfu = tflops / t.peak_tflops if t.peak_tflops else None
     return {
         "step": t.step, "epoch": t.epoch, "loss": reading.loss, "lr": t.engine.get_lr()[0],
@@ -47,15 +52,15 @@ def metrics_row(t, reading, img_per_s: float, step_time: float) -> dict:
         "img_per_s": img_per_s, "step_time_s": step_time, "tflops": tflops, "mfu": mfu,
         "peak_mem_gib": peak_memory_gib(t.device), "bad_samples": reading.bad_samples,
         **offload.stats(t.offload),
+        **({"pack_fill": t.train_loader.stats()["pack_fill"]} if t.cfg.data.packing else {}),
     }
 
 
 def summary(t, wall_s: float, last_eval: dict, tag_dir: Path, export: Path | None, reason: str) -> dict:
     """The run's result (also summary.json in the run folder): status, steps, throughput, accuracy, files."""
-    global_batch = t.cfg.data.batch_size * t.cfg.parallel.grad_accum * t.mesh.dp_size
     summary = {
         "status": reason, "steps": t.step, "epochs": t.step / t.steps_per_epoch, "wall_s": wall_s,
-        "img_per_s": (t.step - t._start_step) * global_batch / max(wall_s, 1e-9),
+        "img_per_s": t._images_done / max(wall_s, 1e-9),  # images counted per step (packed steps vary)
         "final_top1": last_eval.get("val_top1"), "final_top5": last_eval.get("val_top5"),
         "best_top1": t.best["val_top1"], "best_top5": t.best["val_top5"],
         **{f"final_{k[len('val_'):]}": v for k, v in last_eval.items() if k.startswith(("val_loss_", "val_top1_", "val_top5_"))},

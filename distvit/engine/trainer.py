@@ -26,7 +26,7 @@ from distvit.checkpoint import resume as ckresume
 from distvit.checkpoint import state as ckstate
 from distvit.config import Config, ConfigError, save_config
 from distvit.config.resolve import resolve
-from distvit.engine import faults, report
+from distvit.engine import faults, packed_train, report
 from distvit.engine.build import Parts, build
 from distvit.engine.evaluation import evaluate_classifier
 from distvit.engine.loss import cross_entropy
@@ -75,13 +75,13 @@ class Trainer:
         parts = build(cfg, self.mesh, self.device, self.resume_from)
         for name in Parts.__dataclass_fields__:  # self.engine, self.train_loader, ...: build.Parts
             setattr(self, name, getattr(parts, name))
+        self._images_done = 0  # images trained on since this process started (all dp ranks)
 
         self.step = 0
         self.epoch = 0
         self.best = {"val_top1": None, "val_top5": None}
         if self.resume_from is not None:
             self._load(self.resume_from)
-        self._start_step = self.step
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -175,7 +175,7 @@ class Trainer:
         read step (`_read_steps`), which checks it for NaN/inf on every rank before any save."""
         engine = self.engine
         micro_losses = []
-        images_seen = 0
+        images_seen, flops = 0, 0.0
         for micro in range(self.cfg.parallel.grad_accum):
             images, labels = next(batches)
             images = images.to(self.device, dtype=self.input_dtype, non_blocking=True)
@@ -187,6 +187,7 @@ class Trainer:
                 loss = self.distiller.loss(images, logits, labels)
             else:
                 loss = cross_entropy(logits, labels, label_smoothing=self.cfg.optim.label_smoothing)
+            loss = packed_train.weighted(loss, images, labels, self.mesh.dp_size)  # packed: mean over the step
             if faults.armed("nan_loss", self.step + 1):
                 loss = loss * float("nan")
             engine.backward(loss)
@@ -194,12 +195,14 @@ class Trainer:
                 self._clip()
             engine.step()
             micro_losses.append(loss.detach())
-            images_seen += images.shape[0]
+            n, f = packed_train.step_counts(images, labels, self.mesh.dp_size, engine.module, self.flops_per_image)
+            images_seen, flops = images_seen + n, None if f is None or flops is None else flops + f
         self.step += 1
+        self._images_done += images_seen
         self._step_sync.add(self.step, micro_losses)
         if self.ema is not None:
             self._update_ema()
-        return {"images": images_seen * self.mesh.dp_size}
+        return {"images": images_seen, "flops": flops}
 
     def _read_steps(self):
         """The read step: one fused all-reduce (loss, NaN check, preemption flag, bad samples)."""
@@ -250,7 +253,7 @@ class Trainer:
             progress = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                             file=sys.stdout, mininterval=1.0)
         eval_every = cfg.run.eval_every or self.steps_per_epoch
-        images_timed, time_timed, steps_timed = 0, 0.0, 0
+        images_timed, time_timed, steps_timed, flops_timed = 0, 0.0, 0, 0.0
         last_eval: dict = {}
         exit_reason = "finished"
         self.engine.train()
@@ -267,12 +270,14 @@ class Trainer:
                 is_save = bool(every) and self.step % every == 0 and not is_last
                 reading = self._read_steps() if (is_log or is_eval or is_save) else None
                 images_timed += out["images"]
+                flops_timed = None if out["flops"] is None or flops_timed is None else flops_timed + out["flops"]
                 time_timed += time.perf_counter() - t0  # includes the read: the device caught up there
                 steps_timed += 1
                 row = None
                 if is_log:
-                    row = report.metrics_row(self, reading, images_timed / max(time_timed, 1e-9), time_timed / steps_timed)
-                    images_timed, time_timed, steps_timed = 0, 0.0, 0
+                    row = report.metrics_row(self, reading, images_timed / max(time_timed, 1e-9), time_timed / steps_timed,
+                                             None if flops_timed is None else flops_timed / max(time_timed, 1e-9))
+                    images_timed, time_timed, steps_timed, flops_timed = 0, 0.0, 0, 0.0
                 if is_eval:
                     last_eval = self._evaluate_all()
                     row = {**(row or {"step": self.step, "epoch": self.epoch}), **last_eval}

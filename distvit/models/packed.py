@@ -124,8 +124,10 @@ def embed(model, packed, layout: TokenLayout) -> torch.Tensor:
     img = layout.seq_ids[s_idx, t_idx]
     rc = packed.positions[s_idx, slot]
     flat = offsets[img] + rc[:, 0] * packed.grid_sizes.to(rc.device)[img, 1] + rc[:, 1]
-    w = pe.proj.weight.flatten(1)
-    values = F.linear(packed.patches[s_idx, slot].to(w.dtype), w, pe.proj.bias) + pos[flat]
+    # The patch conv called as a module (each patch a 1-patch image): ZeRO-3 gathers its weight in its hook.
+    ph, pw = pe.patch_size
+    pixels = packed.patches[s_idx, slot].to(pos.dtype).reshape(-1, pe.in_chans, ph, pw)
+    values = pe.proj(pixels).flatten(1) + pos[flat]
     x = x.index_put((s_idx, t_idx), values)
     s_idx, t_idx = torch.nonzero(layout.prefix_k >= 0, as_tuple=True)
     x = x.index_put((s_idx, t_idx), _prefix_table(model)[layout.prefix_k[s_idx, t_idx]])
@@ -166,12 +168,18 @@ def packed_flops(model, packed) -> int:
     computes), the patch projection, the head(s). For an image at the model's own size it equals
     flops_per_image(), so MFU from it counts the useful work of a packed step.
     """
+    return grid_flops(model, packed.grid_sizes)
+
+
+def grid_flops(model, grid_sizes) -> int:
+    """packed_flops of images with these (rows, cols) patch grids ((N, 2) tensor or list of pairs)."""
     d = model.embed_dim
     pe = model.patch_embed
     patch_flops = 2 * pe.in_chans * pe.patch_size[0] * pe.patch_size[1] * d
     heads = [h for h in (model.head, getattr(model, "head_dist", None)) if isinstance(h, torch.nn.Linear)]
     total = 0
-    for gh, gw in packed.grid_sizes.tolist():
+    grids = grid_sizes.tolist() if torch.is_tensor(grid_sizes) else grid_sizes
+    for gh, gw in grids:
         n = model.num_prefix_tokens + gh * gw
         total += gh * gw * patch_flops + sum(2 * d * h.out_features for h in heads)
         for blk in model.blocks:

@@ -213,6 +213,9 @@ class VisionTransformer(nn.Module):
         return forward_packed(self, packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(x) and hasattr(x, "image_slots"):
+            # A PackedBatch: through forward so that wrappers (DeepSpeed, ZeRO-3's gather hooks) see the call.
+            return self.forward_packed(x)
         return self.forward_head(self.forward_features(x))
 
     # --- accounting -----------------------------------------------------------------------
