@@ -40,7 +40,7 @@ def packed_reference(cfg, steps: int, dp_size: int):
     from distvit.data import build_train_loader
     from distvit.engine.optim import param_groups
     from distvit.engine.schedule import build_scheduler
-    from distvit.engine.trainer import build_model, seed_all
+    from distvit.engine.build import build_model, seed_all
 
     seed_all(cfg.run.seed)
     model = build_model(cfg)

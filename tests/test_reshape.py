@@ -63,7 +63,7 @@ def reference(cfg, phases, carry: bool = True) -> tuple[dict, list[float], list[
     from distvit.data import build_train_loader
     from distvit.engine.optim import param_groups
     from distvit.engine.schedule import build_scheduler
-    from distvit.engine.trainer import build_model, seed_all
+    from distvit.engine.build import build_model, seed_all
 
     seed_all(cfg.run.seed)
     model = build_model(cfg)
@@ -185,7 +185,7 @@ def test_elastic_resume_mid_epoch(data, tmp_path, stage, precision, phases):
 def _save_ranks(tag: Path, seeds: list[int]) -> None:
     """Per-rank state files as the trainer writes them, each rank's RNG seeded from `seeds`."""
     from distvit.checkpoint import state as ckstate
-    from distvit.engine.trainer import seed_all
+    from distvit.engine.build import seed_all
 
     for rank, seed in enumerate(seeds):
         seed_all(seed)
