@@ -234,6 +234,10 @@ class CheckpointConfig(Section):
     keep: int = 3  # complete checkpoints kept in the run folder (older ones are deleted)
     resume: str | None = None  # "auto" (newest complete checkpoint of the run folder) or a path
     export: bool = True  # at the end, consolidate to <run>/model.safetensors (fp32)
+    # async: snapshot to host memory at the save step, write in the background (checkpoint/async_save.py).
+    # `async` is a Python keyword: declared through the class namespace, read as getattr(cfg.checkpoint, "async").
+    __annotations__["async"] = bool
+    locals()["async"] = False
 
     @field_validator("keep")
     @classmethod

@@ -10,7 +10,6 @@ steps; a micro-batch loop feeds DeepSpeed's gradient accumulation.
 from __future__ import annotations
 
 import copy
-import errno
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from distvit import offload
 from distvit.checkpoint import io as ckio
 from distvit.checkpoint import resume as ckresume
 from distvit.checkpoint import state as ckstate
+from distvit.checkpoint.manager import CheckpointManager
 from distvit.checkpoint.reshape import is_universal
 from distvit.config import Config, ConfigError, save_config
 from distvit.data import build_train_loader, build_val_loader, read_manifest
@@ -185,6 +185,7 @@ class Trainer:
         )
         self._clip = tune_engine(self.engine, world_size=self.mesh.world_size, zero_stage=cfg.parallel.zero_stage,
                                  max_norm=cfg.optim.grad_clip, clipping_taken=own_clipping)
+        self.checkpoints = CheckpointManager(self)
         self._step_sync = StepSync(self.device, dp_size=self.mesh.dp_size, sp_rank=self.mesh.sp_rank)
         self.offload = None
         if cfg.parallel.offload == "interleaved":
@@ -273,35 +274,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> Path:
-        tag = ckio.tag_for_step(self.step)
-        tag_dir = self.ckpt_root / tag
-        if (tag_dir in self._saved_tags or tag_dir == self.resume_from) and ckio.is_complete(tag_dir):
-            return tag_dir
-        ckresume.clear_stale(self, tag_dir, log0)
-        try:
-            self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, save_latest=False,
-                                        client_state={"distvit_step": self.step, "distvit_epoch": self.epoch})
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:  # the previous checkpoint's size is what this one needs
-                prev = ckio.complete_checkpoints(self.ckpt_root)
-                need = sum(f.stat().st_size for f in prev[-1].rglob("*") if f.is_file()) if prev else None
-                raise ckio.disk_full(tag_dir, need) from None
-            raise
-        ckstate.save_rank(tag_dir, self.rank, step=self.step, epoch=self.epoch, best=self.best,
-                          data=self.train_loader.state_dict(), device=self.device, ema=self.ema)
-        self._saved_tags.add(tag_dir)
-        _test_fault("crash_in_save", self.step)
-        ddist.barrier()
-        if self.is_main:
-            ckio.mark_complete(tag_dir, {
-                "step": self.step, "epoch": self.epoch, "world_size": self.mesh.world_size,
-                "dp_size": self.mesh.dp_size, "sp_size": self.mesh.sp_size,
-                "zero_stage": self.cfg.parallel.zero_stage, "model": self.cfg.model.name,
-                "precision": self.precision, "config": self.cfg.model_dump(mode="json"),
-            })
-            ckio.prune(self.ckpt_root, self.cfg.checkpoint.keep)
-        ddist.barrier()
-        return tag_dir
+        """Save a checkpoint at this step (in the background with checkpoint.async: checkpoint/manager.py)."""
+        return self.checkpoints.save()
 
     def _load(self, tag_dir: Path) -> None:
         """Load tag_dir; under --resume auto, fall back to older complete checkpoints (checkpoint/resume.py)."""
@@ -497,6 +471,7 @@ class Trainer:
             if progress is not None:
                 progress.close()
         tag_dir = self.save()
+        self.checkpoints.finish()  # async: the last write is durable and `latest` before the export reads it
         export = None
         if exit_reason == "finished" and cfg.checkpoint.export:
             export = self.export(tag_dir)
