@@ -111,6 +111,9 @@ class Writer:
             finally:
                 self._jobs.task_done()
 
+    def busy(self) -> bool:
+        return self._jobs.unfinished_tasks > 0
+
     def wait(self) -> None:
         self._jobs.join()
         if self._error is not None:

@@ -23,9 +23,9 @@ from distvit.checkpoint import state as ckstate
 
 
 class CheckpointManager:
-    def __init__(self, trainer):
+    def __init__(self, trainer, *, is_async: bool | None = None):
         self.t = trainer
-        self.is_async = bool(getattr(trainer.cfg.checkpoint, "async"))
+        self.is_async = bool(getattr(trainer.cfg.checkpoint, "async")) if is_async is None else is_async
         self._writer: async_save.Writer | None = None
         self._snapshots: async_save.SnapshotCheckpointEngine | None = None
         if self.is_async:
@@ -101,9 +101,14 @@ class CheckpointManager:
             self._writer.wait()
             ddist.barrier()
 
+    def writing(self) -> bool:
+        """A background write is still running on this rank."""
+        return self._writer is not None and self._writer.busy()
+
     def finish(self) -> None:
-        """End of training: wait for the last write and stop the writer thread."""
+        """End of training: wait for the last write, stop the writer thread, give DeepSpeed its engine back."""
         if self._writer is not None:
             self.wait()
             self._writer.close()
             self._writer = None
+            self.t.engine.checkpoint_engine = self._snapshots.base
