@@ -133,7 +133,9 @@ def main() -> int:
             "within_bounds": ours["rss_growth_mb"] < min(fp32_mb / 4, 2 * largest_mb),
             "peer": "deepspeed zero_to_fp32 (lazy, max_shard_size=5GB, safetensors)",
             "peer_rss_growth_mb": peer["rss_growth_mb"], "peer_wall_s": peer["wall_s"],
-            "ratio_rss_ours_over_peer": round(ours["rss_growth_mb"] / peer["rss_growth_mb"], 4),
+            "peer_peak_rss_mb": peer["peak_rss_mb"], "peak_rss_mb": ours["peak_rss_mb"],
+            "ratio_rss_ours_over_peer": (round(ours["rss_growth_mb"] / peer["rss_growth_mb"], 4)
+                                         if peer["rss_growth_mb"] > 0 else None),
             "load_1min": round(os.getloadavg()[0], 1), "note": args.note,
         }), flush=True)
         shutil.rmtree(out.parent, ignore_errors=True)

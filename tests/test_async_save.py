@@ -79,9 +79,9 @@ def test_async_checkpoint_equals_sync_and_resumes_bitwise(digits_dir, tmp_path):
 @pytest.mark.slow
 def test_kill_during_background_write_keeps_the_previous_latest(digits_dir, tmp_path):
     extra = ("checkpoint.every_steps=2", "checkpoint.keep=10", "checkpoint.async=true")
-    # Step 4's write is slow (1.5 s a file) and rank 0 is killed after its first file: meanwhile the
+    # Step 4's write is slow (3 s a file) and rank 0 is killed after its first file: meanwhile the
     # training thread went on to steps 5 and 6.
-    env = run_env(DISTVIT_TEST_FAULT="kill_in_async_write:4:0", DISTVIT_TEST_SLOW_WRITE_S="1.5")
+    env = run_env(DISTVIT_TEST_FAULT="kill_in_async_write:4:0", DISTVIT_TEST_SLOW_WRITE_S="3")
     proc = launch(train_args(digits_dir, tmp_path, "run", STEPS, *extra), env=env, check=False)
     assert proc.returncode != 0
     ckpts = tmp_path / "run" / "checkpoints"
