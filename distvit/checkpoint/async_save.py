@@ -118,6 +118,8 @@ class Writer:
         self._jobs.join()
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, ckio.DiskFullError):
+                raise error  # already one line naming the folder, the bytes needed and what stays `latest`
             raise AsyncSaveError(f"background checkpoint write failed: {type(error).__name__}: {error}") from error
 
     def close(self) -> None:
