@@ -2,6 +2,7 @@
 
 - a real 2-rank ZeRO-3 checkpoint consolidates to exactly DeepSpeed's zero_to_fp32 weights, one
   file or sharded with a Hugging Face index, and `models.create(..., checkpoint=index)` loads it;
+  so do ZeRO-2 bf16 and ZeRO-1 fp32 checkpoints;
 - on a larger ZeRO-3 checkpoint in DeepSpeed's format (2 ranks, synthetic weights on a real
   save's template: tests/zero3_synthetic.py), the CLI's peak RSS (ru_maxrss of a subprocess minus
   its value after imports) stays below a quarter of the fp32 model and below twice the largest
@@ -80,6 +81,20 @@ def test_zero3_streams_to_deepspeeds_weights_one_file_or_sharded(zero3_tag, tmp_
     assert sorted(p.name for p in sharded.parent.iterdir()) == ["model.safetensors"]
     assert ckpt_main(["consolidate", str(zero3_tag), "--out", str(tmp_path / "x.safetensors"), "--max-shard-size", "5XB"]) == 2
     assert "--max-shard-size '5XB': give a size such as 5GB" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage,precision", [(2, "bf16"), (1, "fp32")])
+def test_zero1_2_stream_to_deepspeeds_weights(digits_dir, tmp_path, stage, precision):
+    """ZeRO-1/2 partitions cut parameters anywhere (with alignment padding); bf16 files are bf16_*."""
+    launch(train_args(digits_dir, tmp_path, "z", 2, f"parallel.zero_stage={stage}", f"parallel.precision={precision}",
+                      "checkpoint.export=false"))
+    tag = tmp_path / "z" / "checkpoints" / ckio.tag_for_step(2)
+    reference = consolidated_state_dict(tag)
+    out = tmp_path / "out" / "model.safetensors"
+    assert ckpt_main(["consolidate", str(tag), "--out", str(out), "--max-shard-size", "100KB"]) == 0
+    got = load_state_dict(out.parent / "model.safetensors.index.json")
+    assert got.keys() == reference.keys()
+    assert all(torch.equal(got[k], reference[k]) and got[k].dtype == reference[k].dtype for k in reference)
 
 
 @pytest.mark.slow

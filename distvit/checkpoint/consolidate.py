@@ -2,13 +2,12 @@
 
     consolidate(tag_dir, Path("out/model.safetensors"), max_shard_size="5GB")
 
-ZeRO-3 and ZeRO-0 checkpoints are streamed one tensor at a time (checkpoint/stream.py): peak
+Checkpoints of every ZeRO stage are streamed one tensor at a time (checkpoint/stream.py): peak
 memory is the largest tensor, not the model. The output is one file when it fits in
 `max_shard_size`, else Hugging Face's layout beside it: model-00001-of-0000N.safetensors and
 model.safetensors.index.json (`weight_map`: tensor -> shard), which
 `distvit.models.create(name, checkpoint=...)` and transformers/timm-style loaders read.
-ZeRO-1/2 shards are merged by DeepSpeed's own zero_to_fp32 in memory (their flat partitions cut
-parameters at arbitrary points with alignment padding; not streamed yet), then written the same way.
+A reshaped (universal) checkpoint is merged in memory by reshape.py's reader, then written the same way.
 Every file carries the model name, step and resolved config in its metadata.
 Every torch file of the folder is read with weights_only=True first (checkpoint/safe_load.py):
 zero_to_fp32 itself unpickles with weights_only=False, so it only sees files that hold data alone.
@@ -101,7 +100,7 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], out: Path, metadata: d
 
 
 def reader_for(tag_dir: Path):
-    """A streaming reader where the format allows it (ZeRO-3, ZeRO-0), else DeepSpeed's merge in memory."""
+    """A streaming reader for ZeRO 0-3; a reshaped (universal) checkpoint is read whole."""
     from distvit.checkpoint import stream
 
     tag_dir = Path(tag_dir)
@@ -111,6 +110,9 @@ def reader_for(tag_dir: Path):
         if stage == 3 or (stage is None and list(tag_dir.glob("zero_pp_rank_*_model_states.pt"))):
             safe_load.precheck(tag_dir)
             return stream.Zero3Reader(tag_dir)
+        if stage in (1, 2):
+            safe_load.precheck(tag_dir)
+            return stream.Zero2Reader(tag_dir)
         if stage == 0 or (stage is None and not list(tag_dir.glob("*optim_states.pt"))):
             safe_load.precheck(tag_dir)
             model_file = tag_dir / "mp_rank_00_model_states.pt"

@@ -168,6 +168,82 @@ class Zero3Reader:
         return torch.cat([t.float() for t in frags], 0)[:shape.numel()].view(shape).clone()
 
 
+class Zero2Reader:
+    """Parameters of a ZeRO-1/2 checkpoint, gathered one at a time as fp32 tensors.
+
+    Each parameter group is one flat fp32 vector cut into equal partitions, rank r holding the
+    r-th (`single_partition_of_fp32_groups`); parameters sit in it in `param_shapes` order, each
+    followed by its alignment padding (`param_alignment_paddings`, when the file has it), as
+    zero_to_fp32's `_zero2_merge_trainable_params` reads them.
+    """
+
+    def __init__(self, tag_dir: Path):
+        tag_dir = Path(tag_dir)
+        model_file = tag_dir / "mp_rank_00_model_states.pt"
+        optim_files = sorted(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_natural)
+        if not model_file.is_file() or not optim_files:
+            raise safe_load.CheckpointFileError(f"{tag_dir}: no mp_rank_00_model_states.pt or no optimizer-states files")
+        state0 = load_meta(model_file)
+        self._model_handle = open(model_file, "rb")
+        buffer_names = set(state0.get("buffer_names") or [])
+        self.buffers = {k: FileTensor(model_file, v) for k, v in state0["module"].items() if k in buffer_names}
+        frags = state0.get("frozen_param_fragments") or {}
+        self.frozen = {k: FileTensor(model_file, frags[k]) for k in (state0.get("frozen_param_shapes") or {})}
+        self.shared = [(a, b) for a, b in (state0.get("shared_params") or {}).items()]
+        groups = [OrderedDict((k, torch.Size(v)) for k, v in g.items()) for g in state0["param_shapes"]]
+        self.parts: list[list[FileTensor]] = []  # per rank, per group: its partition
+        paddings = None
+        for f in optim_files:
+            osd = load_meta(f)["optimizer_state_dict"]
+            self.parts.append([FileTensor(f, t) for t in osd["single_partition_of_fp32_groups"]])
+            paddings = paddings if paddings is not None else osd.get("param_alignment_paddings")
+        self._handles = [open(f, "rb") for f in optim_files]
+        self.world = len(optim_files)
+        self.place: OrderedDict[str, tuple[int, int, torch.Size]] = OrderedDict()  # name -> (group, offset, shape)
+        align = 2 * self.world  # zero_to_fp32's sanity check: both ends agree up to this alignment
+        for g, shapes in enumerate(groups):
+            offset = 0
+            for i, (name, shape) in enumerate(shapes.items()):
+                self.place[name] = (g, offset, shape)
+                offset += shape.numel() + (paddings[g][i] if paddings is not None else 0)
+            avail = sum(p[g].numel for p in self.parts)
+            if align * math.ceil(offset / align) != align * math.ceil(avail / align):
+                raise safe_load.CheckpointFileError(
+                    f"{tag_dir}: parameter group {g} needs {offset} elements, its partitions hold {avail}")
+
+    def close(self) -> None:
+        for h in [self._model_handle, *self._handles]:
+            h.close()
+
+    def entries(self) -> list[tuple[str, torch.Size, torch.dtype]]:
+        out = [(k, t.shape, torch.float32 if t.dtype.is_floating_point else t.dtype) for k, t in self.buffers.items()]
+        out += [(k, t.shape, torch.float32) for k, t in self.frozen.items()]
+        out += [(k, shape, torch.float32) for k, (_, _, shape) in self.place.items()]
+        have = {k: (s, d) for k, s, d in out}
+        out += [(a, *have[b]) for a, b in self.shared if b in have and a not in have]
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self.buffers or name in self.frozen:
+            t = (self.buffers.get(name) or self.frozen[name]).read(self._model_handle)
+            return t.float() if t.is_floating_point() else t
+        if name not in self.place:
+            return self.get(dict(self.shared)[name])
+        g, offset, shape = self.place[name]
+        out = torch.empty(shape.numel(), dtype=torch.float32)
+        base, filled = 0, 0
+        for rank in range(self.world):  # the group's flat vector is the ranks' partitions end to end
+            part = self.parts[rank][g]
+            lo, hi = max(offset + filled, base), min(offset + out.numel(), base + part.numel)
+            if lo < hi:
+                part.read_into(out[filled:filled + hi - lo], lo - base, self._handles[rank])
+                filled += hi - lo
+            base += part.numel
+        if filled != out.numel():
+            raise safe_load.CheckpointFileError(f"{name}: its partitions end before element {offset + out.numel()}")
+        return out.view(shape)
+
+
 class Zero0Reader:
     """A ZeRO-0 checkpoint: the whole module in mp_rank_00_model_states.pt, read one tensor at a time."""
 
