@@ -6,8 +6,10 @@ built from a real 2-rank ZeRO-3 save of the digits demo (the template: every fie
 wrote is kept, the model-dependent ones replaced; tests/zero3_synthetic.py); DeepSpeed's own
 reader checks the result at test scale (tests/test_consolidate_stream.py).
 
-Each side runs in a fresh process; the figure is its ru_maxrss at the end minus ru_maxrss after
-its imports (torch, safetensors, DeepSpeed), i.e. what consolidating added at its peak.
+Each side runs in a fresh process; after its imports (torch, safetensors, DeepSpeed) the peak-RSS
+mark is reset (/proc/self/clear_refs "5"), and the figure is the peak RSS at the end (VmHWM, the
+same mark as ru_maxrss without the forking parent's peak that ru_maxrss keeps across exec) minus
+the RSS then, i.e. what consolidating added at its peak.
     ours: `distvit ckpt consolidate DIR --out model.safetensors --max-shard-size S` (S: 5GB, 500MB)
     peer: deepspeed.utils.zero_to_fp32.convert_zero_checkpoint_to_fp32_state_dict(
               DIR, OUT, max_shard_size="5GB", safe_serialization=True)   (lazy mode, its default)
@@ -29,23 +31,35 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 OURS = r"""
-import json, resource, sys
+import json, sys
 import torch, safetensors.torch, deepspeed
 from distvit.checkpoint import cli, consolidate, safe_load, stream
 safe_load._deepspeed_globals()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# The peak RSS of this process image (VmHWM; ru_maxrss would also keep the peak of the parent that
+# forked us, carried over exec) is reset after the imports, whose own transient peak would hide
+# what follows (Linux: clear_refs "5"); the baseline is the RSS then.
+def hwm():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+open("/proc/self/clear_refs", "w").write("5")
+base = hwm()
 code = cli.main(sys.argv[1:])
-print(json.dumps({"code": code, "base_kib": base, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+print(json.dumps({"code": code, "base_kib": base, "peak_kib": hwm()}))
 """
 
 PEER = r"""
-import json, resource, sys
+import json, sys
 import torch, safetensors.torch, deepspeed, huggingface_hub
 from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# The peak RSS of this process image (VmHWM; ru_maxrss would also keep the peak of the parent that
+# forked us, carried over exec) is reset after the imports, whose own transient peak would hide
+# what follows (Linux: clear_refs "5"); the baseline is the RSS then.
+def hwm():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+open("/proc/self/clear_refs", "w").write("5")
+base = hwm()
 convert_zero_checkpoint_to_fp32_state_dict(sys.argv[1], sys.argv[2], max_shard_size=sys.argv[4],
                                            safe_serialization=True, tag=sys.argv[3])
-print(json.dumps({"code": 0, "base_kib": base, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+print(json.dumps({"code": 0, "base_kib": base, "peak_kib": hwm()}))
 """
 
 

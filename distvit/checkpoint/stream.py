@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from collections import OrderedDict
@@ -330,7 +331,5 @@ def write_safetensors(path: Path, entries: list, get: Callable[[str], torch.Tens
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             del t
         f.flush()
-        import os
-
         os.fsync(f.fileno())
     return offset
