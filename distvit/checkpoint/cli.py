@@ -2,7 +2,7 @@
 
     distvit ckpt inspect runs/demo/checkpoints            # step, world size, ZeRO stage, data cursor, sizes
     distvit ckpt verify runs/demo/checkpoints/step_00000100
-    distvit ckpt consolidate runs/demo/checkpoints --out model.safetensors
+    distvit ckpt consolidate runs/demo/checkpoints --out model.safetensors   # --max-shard-size 5GB: shards + index past it
     distvit ckpt prune runs/demo/checkpoints --keep 2
     distvit ckpt reshape runs/demo/checkpoints --out runs/demo_8ranks/checkpoints   # resume on another world size
 
@@ -171,9 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON (with the full config)")
     p = sub.add_parser("verify", help="check every expected file is present and readable")
     p.add_argument("dir")
-    p = sub.add_parser("consolidate", help="merge ZeRO shards into one fp32 safetensors file")
+    p = sub.add_parser("consolidate", help="merge ZeRO shards into fp32 safetensors (streamed, sharded past --max-shard-size)")
     p.add_argument("dir")
-    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--out", required=True, help="output .safetensors path (sharded: its -0000k-of-0000n files and .index.json)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest output file, e.g. 5GB (default), 500MB, 2GiB; above it, shards and an index")
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("prune", help="delete all but the newest K complete checkpoints")
     p.add_argument("dir")
@@ -216,11 +218,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "consolidate":
             from distvit.checkpoint.consolidate import check_out, consolidate
 
+            from distvit.checkpoint.stream import parse_size
+
             check_out(Path(args.out), overwrite=args.overwrite)
+            try:
+                max_bytes = parse_size(args.max_shard_size)
+            except ValueError as exc:
+                raise CheckpointError(str(exc)) from None
             problems = verify(tag_dir)
             if problems:
                 raise CheckpointError(f"{tag_dir} is not a complete checkpoint: {problems[0]}")
-            out = consolidate(tag_dir, Path(args.out), overwrite=args.overwrite)
+            out = consolidate(tag_dir, Path(args.out), overwrite=args.overwrite, max_shard_size=max_bytes)
             print(f"wrote {out} (fp32, from {tag_dir})")
             return 0
         if args.cmd == "reshape":

@@ -108,7 +108,7 @@ def _apply(trainer, tag_dir: Path, state: dict) -> None:
         else:
             seed_all(trainer.cfg.run.seed + 1_000_003 * trainer.step)
             rng = "the RNG reseeded from run.seed and the step (the old ranks' states differed or were not saved)"
-        elastic = getattr(trainer, "_elastic_note", None)
+        elastic = trainer.checkpoints.elastic_note
         log0((f"{elastic}: " if elastic else "") +
              f"resuming a checkpoint reshaped from {meta['reshaped_from']['world_size']} to "
              f"{trainer.mesh.world_size} rank(s): weights, optimizer and schedule carried over; "
@@ -172,7 +172,7 @@ def clear_stale(trainer, tag_dir: Path, log) -> None:
     process (a damaged checkpoint the resume passed over): rank 0 removes it, all ranks wait."""
     import shutil
 
-    if tag_dir.exists() and tag_dir != trainer.resume_from and tag_dir not in trainer._saved_tags:
+    if tag_dir.exists() and tag_dir != trainer.resume_from and tag_dir not in trainer.checkpoints.saved_tags:
         if trainer.is_main:
             log(f"replacing {tag_dir}: it was not written by this run (a checkpoint the resume passed over)")
             shutil.rmtree(tag_dir, ignore_errors=True)

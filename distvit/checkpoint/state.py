@@ -104,11 +104,17 @@ def ema_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | Non
     return sd or None
 
 
+def rank_state(*, step: int, epoch: int, best: dict, data: dict, device: torch.device,
+               ema: torch.nn.Module | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON fields, tensors) of one rank's state, as save_rank writes them."""
+    scalars, rng_tensors = rng_state(device)
+    return ({"step": step, "epoch": epoch, "best": best, "data": data, "rng": scalars},
+            {**rng_tensors, **ema_tensors(ema)})
+
+
 def save_rank(tag_dir: Path, rank: int, *, step: int, epoch: int, best: dict, data: dict,
               device: torch.device, ema: torch.nn.Module | None) -> None:
-    scalars, rng_tensors = rng_state(device)
-    save(tag_dir, rank_stem(rank), {"step": step, "epoch": epoch, "best": best, "data": data, "rng": scalars},
-         {**rng_tensors, **ema_tensors(ema)})
+    save(tag_dir, rank_stem(rank), *rank_state(step=step, epoch=epoch, best=best, data=data, device=device, ema=ema))
 
 
 def load_rank(tag_dir: Path, rank: int) -> dict:

@@ -170,6 +170,10 @@ class CheckpointConfig(Section):
     keep: Annotated[int, bounded(ge=1, hint="(the newest checkpoint is what --resume needs)")] = 3
     resume: str | None = None  # "auto" (newest complete checkpoint of the run folder) or a path
     export: bool = True  # at the end, consolidate to <run>/model.safetensors (fp32)
+    # async: snapshot to host memory at the save step, write in the background (checkpoint/async_save.py).
+    # `async` is a Python keyword: declared through the class namespace, read as getattr(cfg.checkpoint, "async").
+    __annotations__["async"] = bool
+    locals()["async"] = False
 
 
 class LogConfig(Section):

@@ -9,8 +9,6 @@ steps; a micro-batch loop feeds DeepSpeed's gradient accumulation.
 """
 from __future__ import annotations
 
-import errno
-import json
 import logging
 import os
 import sys
@@ -21,10 +19,8 @@ import torch
 
 from distvit import launch_check, watchdog
 from distvit.checkpoint import io as ckio
-from distvit.checkpoint import elastic
-from distvit.checkpoint import resume as ckresume
-from distvit.checkpoint import state as ckstate
-from distvit.config import Config, ConfigError, save_config
+from distvit.checkpoint.manager import CheckpointManager
+from distvit.config import Config, save_config
 from distvit.config.resolve import resolve
 from distvit.engine import faults, packed_train, report
 from distvit.engine.build import Parts, build
@@ -70,18 +66,20 @@ class Trainer:
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
         resume = resume if resume is not None else cfg.checkpoint.resume
-        self.resume_from = self._resolve_resume(resume)
+        self.checkpoints = CheckpointManager(self)
+        self.resume_from = self.checkpoints.resolve(resume)
 
         parts = build(cfg, self.mesh, self.device, self.resume_from)
         for name in Parts.__dataclass_fields__:  # self.engine, self.train_loader, ...: build.Parts
             setattr(self, name, getattr(parts, name))
         self._images_done = 0  # images trained on since this process started (all dp ranks)
+        self.checkpoints.attach()  # checkpoint.async: snapshots through the engine built above
 
         self.step = 0
         self.epoch = 0
         self.best = {"val_top1": None, "val_top5": None}
         if self.resume_from is not None:
-            self._load(self.resume_from)
+            self.resume_from = self.checkpoints.load(self.resume_from)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -94,68 +92,11 @@ class Trainer:
         watchdog.set_phase(lambda: f"training step {self.step + 1}")
         self.signals.started = True
 
-    # ------------------------------------------------------------------ set-up helpers
-
-    def _resolve_resume(self, resume: str | None) -> Path | None:
-        self._saved_tags: set[Path] = set()
-        self._resume_candidates: list[Path] = []
-        self._elastic_note: str | None = None
-        if resume:
-            if resume == "auto":  # the newest first; _load moves on when one fails to load
-                self._resume_candidates = ckio.resume_candidates(self.ckpt_root, log=log0)
-                found = self._resume_candidates[0] if self._resume_candidates else None
-                if found is not None:  # saved by another world size: reshape it first (checkpoint/elastic.py)
-                    self._resume_candidates, self._elastic_note = elastic.for_this_world(self, self._resume_candidates, log0)
-                    found = self._resume_candidates[0]
-            else:
-                found = ckio.resolve_resume(resume, self.ckpt_root, log=log0)
-            if found is None:
-                log0(f"--resume {resume}: no complete checkpoint in {self.ckpt_root} yet; starting from scratch")
-            return found
-        if ckio.list_checkpoints(self.ckpt_root):
-            raise ConfigError(
-                f"run folder '{self.run_dir}' already holds checkpoints; continue it with --resume auto, "
-                f"or start a new run with --set run.name=<new name> (nothing was overwritten)"
-            )
-        return None
-
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> Path:
-        tag = ckio.tag_for_step(self.step)
-        tag_dir = self.ckpt_root / tag
-        if (tag_dir in self._saved_tags or tag_dir == self.resume_from) and ckio.is_complete(tag_dir):
-            return tag_dir
-        ckresume.clear_stale(self, tag_dir, log0)
-        try:
-            self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, save_latest=False,
-                                        client_state={"distvit_step": self.step, "distvit_epoch": self.epoch})
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:  # the previous checkpoint's size is what this one needs
-                prev = ckio.complete_checkpoints(self.ckpt_root)
-                need = sum(f.stat().st_size for f in prev[-1].rglob("*") if f.is_file()) if prev else None
-                raise ckio.disk_full(tag_dir, need) from None
-            raise
-        ckstate.save_rank(tag_dir, self.rank, step=self.step, epoch=self.epoch, best=self.best,
-                          data=self.train_loader.state_dict(), device=self.device, ema=self.ema)
-        self._saved_tags.add(tag_dir)
-        faults.maybe_kill("crash_in_save", self.step)
-        ddist.barrier()
-        if self.is_main:
-            ckio.mark_complete(tag_dir, {
-                "step": self.step, "epoch": self.epoch, "world_size": self.mesh.world_size,
-                "dp_size": self.mesh.dp_size, "sp_size": self.mesh.sp_size,
-                "zero_stage": self.cfg.parallel.zero_stage, "model": self.cfg.model.name,
-                "precision": self.precision, "config": self.cfg.model_dump(mode="json"),
-            })
-            ckio.prune(self.ckpt_root, self.cfg.checkpoint.keep)
-        ddist.barrier()
-        return tag_dir
-
-    def _load(self, tag_dir: Path) -> None:
-        """Load tag_dir; under --resume auto, fall back to older complete checkpoints (checkpoint/resume.py)."""
-        candidates = self._resume_candidates if self._resume_candidates[:1] == [tag_dir] else [tag_dir]
-        self.resume_from = ckresume.load_first_good(self, candidates, log0)
+        """Save a checkpoint at this step (in the background with checkpoint.async: checkpoint/manager.py)."""
+        return self.checkpoints.save()
 
     # ------------------------------------------------------------------ loop
 
@@ -297,9 +238,10 @@ class Trainer:
             if progress is not None:
                 progress.close()
         tag_dir = self.save()
+        self.checkpoints.finish()  # async: the last write is durable and `latest` before the export reads it
         export = None
         if exit_reason == "finished" and cfg.checkpoint.export:
-            export = self.export(tag_dir)
+            export = self.checkpoints.export(tag_dir)
         summary = report.summary(self, time.perf_counter() - start, last_eval, tag_dir, export, exit_reason)
         self.metrics.close()
         return summary
@@ -311,18 +253,6 @@ class Trainer:
         if "val_top1" in result and (self.best["val_top1"] is None or result["val_top1"] > self.best["val_top1"]):
             self.best = {"val_top1": result["val_top1"], "val_top5": result["val_top5"]}
         return result
-
-    def export(self, tag_dir: Path) -> Path | None:
-        """Consolidate the final checkpoint to fp32 safetensors that models.create(..., checkpoint=) loads."""
-        from distvit.checkpoint.consolidate import consolidate
-
-        out = self.run_dir / "model.safetensors"
-        ddist.barrier()
-        if self.is_main:
-            consolidate(tag_dir, out, overwrite=True)
-        ddist.barrier()
-        return out
-
 
 
 def _rng_isolated(iterable):

@@ -2,6 +2,7 @@
 
     report = load_checkpoint(model, "vit_base.safetensors")            # strict: raises on any mismatch
     report = load_checkpoint(model, "timm_vit.pth", strict=False)      # loads what fits, returns the rest
+    report = load_checkpoint(model, "out/model.safetensors.index.json") # sharded (`distvit ckpt consolidate`)
 
 .pt/.pth/.bin files are read with torch.load(weights_only=True): tensors and plain containers
 only, never arbitrary pickled objects. Containers from common trainers ({"state_dict": ...},
@@ -16,6 +17,7 @@ line says so; `reset_head=True` always re-initialises it, `reset_head=False` nev
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import pickle
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SUFFIXES = (".safetensors",) + TORCH_SUFFIXES
+INDEX_SUFFIX = ".safetensors.index.json"  # Hugging Face's index of sharded safetensors
 CONTAINER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 REPORT_MAX_KEYS = 12  # keys listed per kind in an error; the count is always exact
@@ -71,9 +74,46 @@ def _some(items: list[str]) -> str:
     return head + (f", ... ({len(items) - REPORT_MAX_KEYS} more)" if len(items) > REPORT_MAX_KEYS else "")
 
 
+def sharded_index(path: Path) -> Path | None:
+    """The Hugging Face index of sharded safetensors that `path` names: the index itself
+    (model.safetensors.index.json), or model.safetensors when only its index exists."""
+    if path.name.endswith(INDEX_SUFFIX):
+        return path
+    index = path.with_name(path.name + ".index.json")
+    if path.suffix == ".safetensors" and not path.exists() and index.is_file():
+        return index
+    return None
+
+
+def load_sharded(index: Path) -> dict[str, torch.Tensor]:
+    """Every shard an index names (`weight_map`: tensor name -> shard file beside the index)."""
+    from safetensors.torch import load_file
+
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"weights index {str(index)!r} is not a safetensors index ({type(exc).__name__}: {exc}); "
+                         "it needs a \"weight_map\" of tensor name -> shard file") from None
+    sd: dict[str, torch.Tensor] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        f = index.parent / shard
+        if not f.is_file():
+            raise FileNotFoundError(f"weights shard {str(f)!r} named by {str(index)!r} does not exist")
+        sd.update(load_file(str(f), device="cpu"))
+    missing = [k for k in weight_map if k not in sd]
+    if missing:
+        raise ValueError(f"weights index {str(index)!r} names {len(missing)} tensor(s) its shards lack: {_some(missing)}")
+    return sd
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a weights file onto the CPU and return a flat {name: tensor} dict."""
+    """Read a weights file (or a sharded safetensors index) onto the CPU; a flat {name: tensor} dict."""
     path = Path(path)
+    index = sharded_index(path)
+    if index is not None:
+        if not index.is_file():
+            raise FileNotFoundError(f"weights index {str(index)!r} does not exist")
+        return clean_state_dict(load_sharded(index), source=str(index))
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
@@ -91,7 +131,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                              "weights, e.g. torch.save(model.state_dict(), path), or as .safetensors") from e
     else:
         raise ValueError(f"weights file {str(path)!r} has suffix {suffix or '(none)'!r}; "
-                         f"supported: {', '.join(SUFFIXES)}")
+                         f"supported: {', '.join(SUFFIXES)}, or a sharded {INDEX_SUFFIX}")
     return clean_state_dict(sd, source=str(path))
 
 
