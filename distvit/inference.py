@@ -85,7 +85,7 @@ def _weights(checkpoint: str) -> tuple[dict[str, torch.Tensor], Config, str]:
     if p.is_dir() and (p / ckio.META).is_file():  # one checkpoint (step_NNNNNNNN)
         from distvit.checkpoint.consolidate import consolidated_state_dict
 
-        return consolidated_state_dict(p), _config_from(ckio.read_meta(p).get("config"), p.parent.parent, str(p)), str(p)
+        return consolidated_state_dict(p), _config_from(ckio.read_meta(p).config, p.parent.parent, str(p)), str(p)
     if p.is_dir():  # a run folder
         if (p / "model.safetensors").is_file():
             return _weights(str(p / "model.safetensors"))

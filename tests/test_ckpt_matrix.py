@@ -106,7 +106,7 @@ def test_combination_trains_resumes_exports_consolidates(cell, digits_dir, tmp_p
     assert ckpt_main(["consolidate", str(root), "--out", str(out)]) == 0
     got = load_weights(out)
     assert set(got) == set(exported) and all(torch.equal(got[k], exported[k]) for k in got)
-    assert ckio.read_meta(root / "step_00000002")["zero_stage"] == cell[0]
+    assert ckio.read_meta(root / "step_00000002").zero_stage == cell[0]
 
 
 @pytest.mark.multirank

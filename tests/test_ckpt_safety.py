@@ -181,19 +181,23 @@ def _no_space(*_a, **_k):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def _meta(step: int) -> ckio.CheckpointMeta:
+    return ckio.CheckpointMeta(step=step, epoch=0, world_size=1, dp_size=1, sp_size=1, zero_stage=0, model="vit_digits")
+
+
 def test_disk_full_names_the_folder_and_bytes_and_latest_stays(tmp_path, monkeypatch):
     root = tmp_path / "checkpoints"
     good, new = root / "step_00000002", root / "step_00000004"
     good.mkdir(parents=True)
-    ckio.mark_complete(good, {"step": 2})
+    ckio.mark_complete(good, _meta(2))
     new.mkdir()
     (new / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
-    meta = {"step": 4}
+    meta = _meta(4)
     monkeypatch.setattr(ckio.os, "fsync", _no_space)
     with pytest.raises(ckio.DiskFullError) as info:
         ckio.mark_complete(new, meta)
     msg = str(info.value)
-    needed = len(json.dumps(meta, indent=2, sort_keys=True).encode())
+    needed = len(meta.to_json().encode())
     assert f"disk full writing a checkpoint in {new}: it needs {needed} bytes" in msg
     assert "bytes are free" in msg and "stays `latest`" in msg and "step_00000002" in msg
     assert ckio.read_latest(root) == "step_00000002" and not ckio.is_complete(new)

@@ -215,7 +215,7 @@ def test_a_run_resubmitted_onto_one_node_resumes_elastically(digits_dir, tmp_pat
     slurm("scancel", "--signal=USR1", "--batch", job, env=env)
     wait_job(job, timeout=600, env=env)
     stop = ckio.complete_checkpoints(run_dir / "checkpoints")[-1]
-    assert ckio.read_meta(stop)["world_size"] == 4 and 3 <= ckio.step_of(stop.name) < STEPS
+    assert ckio.read_meta(stop).world_size == 4 and 3 <= ckio.step_of(stop.name) < STEPS
     job2 = sbatch(["--nodes", "1", "--ntasks-per-node", "2", "-o", str(tmp_path / "%x-%j.out"), SBATCH,
                    *job_args(digits_dir, tmp_path), "--set", f"run.name=distvit-{job}"], cwd=tmp_path, env=env)
     info = wait_job(job2, timeout=900, env=env)
@@ -227,7 +227,7 @@ def test_a_run_resubmitted_onto_one_node_resumes_elastically(digits_dir, tmp_pat
     assert "unseen samples" in lines[0] and "the RNG state carried over" in lines[0]
     assert summary(run_dir)["status"] == "finished" and summary(run_dir)["steps"] == STEPS
     assert [s for s, _ in losses(run_dir)] == list(range(1, STEPS + 1))
-    assert ckio.read_meta(ckio.complete_checkpoints(run_dir / "checkpoints")[-1])["world_size"] == 2
+    assert ckio.read_meta(ckio.complete_checkpoints(run_dir / "checkpoints")[-1]).world_size == 2
 
 
 # ---------------------------------------------------------------- Open MPI across the nodes

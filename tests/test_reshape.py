@@ -123,7 +123,7 @@ def test_elastic_resume_mid_epoch(data, tmp_path, stage, precision, phases):
         outs.append(proc.stdout)
         tag = ckpts / ckio.tag_for_step(last)
         if last < total:
-            assert ckio.is_complete(tag) and (ckio.read_meta(tag)["world_size"], ckio.read_meta(tag)["sp_size"]) == (ranks, sp)
+            assert ckio.is_complete(tag) and (ckio.read_meta(tag).world_size, ckio.read_meta(tag).sp_size) == (ranks, sp)
 
     # One line per restart says what happened.
     for (ranks, sp, last), (prev_ranks, prev_sp, prev_last), out in zip(phases[1:], phases, outs[1:]):

@@ -72,14 +72,14 @@ def write_zero3(template: Path, out: Path, state_dict: dict[str, torch.Tensor], 
 def finish(template: Path, out: Path, model: str) -> None:
     """Make `out` a complete distvit checkpoint: the template's per-rank state files, distvit.json
     naming `model`, then COMPLETE (the manifest) and `latest`, as the trainer writes them."""
-    import json
+    import dataclasses
     import shutil
 
     from distvit.checkpoint import io as ckio
 
     for f in Path(template).glob("distvit_rank*"):
         shutil.copy(f, Path(out) / f.name)
-    meta = json.loads((Path(template) / ckio.META).read_text())
-    config = meta.get("config", {})
-    meta.update(model=model, zero_stage=3, config={**config, "model": {**config.get("model", {}), "name": model}})
-    ckio.mark_complete(Path(out), meta)
+    meta = ckio.read_meta(template)
+    config = meta.config
+    ckio.mark_complete(Path(out), dataclasses.replace(
+        meta, model=model, zero_stage=3, config={**config, "model": {**config.get("model", {}), "name": model}}))

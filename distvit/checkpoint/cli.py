@@ -13,6 +13,7 @@ holds anything but data is refused, naming the file (checkpoint/safe_load.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -48,13 +49,13 @@ def verify(tag_dir: Path) -> list[str]:
         return problems + [f"{tag_dir / ckio.META}: missing"]
     try:
         meta = ckio.read_meta(tag_dir)
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # not JSON, or not distvit's fields
         return problems + [f"{tag_dir / ckio.META}: unreadable ({exc})"]
-    world, stage = meta["world_size"], meta["zero_stage"]
-    if ckreshape.is_reshaped(meta):
+    world, stage = meta.world_size, meta.zero_stage
+    if meta.is_reshaped:
         return problems + _check_files(tag_dir, _reshaped_files(tag_dir, meta))
     expected = [name for r in range(world) for name in ckio.rank_state_files(r)]
-    shards = meta["dp_size"] * meta.get("sp_size", 1)  # ZeRO partitions over dp x sp
+    shards = meta.zero_shards  # ZeRO partitions over dp x sp
     if stage == 3:
         expected += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(shards)]
     else:
@@ -63,7 +64,7 @@ def verify(tag_dir: Path) -> list[str]:
         # bf16 optimizer states are named bf16_* (always under ZeRO-1/2; under ZeRO-3 with CPU offload)
         for r in range(shards):
             name = f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-            bf16 = meta.get("precision") == "bf16" and (stage < 3 or (tag_dir / f"bf16_{name}").is_file())
+            bf16 = meta.precision == "bf16" and (stage < 3 or (tag_dir / f"bf16_{name}").is_file())
             expected.append(f"bf16_{name}" if bf16 else name)
     return problems + _check_files(tag_dir, expected)
 
@@ -108,15 +109,15 @@ def _check_file(f: Path) -> str | None:
     return None
 
 
-def _reshaped_files(tag_dir: Path, meta: dict) -> list[str]:
+def _reshaped_files(tag_dir: Path, meta: ckio.CheckpointMeta) -> list[str]:
     """A reshaped checkpoint: the shared state, the source's model-states file(s), and (universal)
     every parameter's whole fp32 weights and Adam moments under zero/."""
     names = ckstate.files_of(ckstate.COMMON)
-    if meta["zero_stage"] == 3:
-        names += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(meta["reshaped_from"]["dp_size"])]
+    if meta.zero_stage == 3:
+        names += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(meta.reshaped_from.dp_size)]
     else:
         names.append("mp_rank_00_model_states.pt")
-    if meta.get("universal"):
+    if meta.universal:
         names.append(f"{ckreshape.UNIVERSAL_DIR}/optimizer_state.pt")
         first_missing = [n for n in names if not (tag_dir / n).is_file()]
         if not first_missing:  # the parameter list comes from the model-states file
@@ -136,7 +137,7 @@ def _summary(data: dict | None) -> dict | None:
 def inspect(tag_dir: Path) -> dict:
     meta = ckio.read_meta(tag_dir)
     sizes = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
-    reshaped = ckreshape.is_reshaped(meta)
+    reshaped = meta.is_reshaped
     # Complete: the marker, every file at the size the save wrote, every torch file readable as data.
     # A file holding code raises UnsafeCheckpointError here (the verb fails, naming it).
     problems = ckio.manifest_problems(tag_dir)
@@ -153,13 +154,13 @@ def inspect(tag_dir: Path) -> dict:
         rank0 = {}
         problems.append(str(exc))
     return {
-        "path": str(tag_dir), "step": meta["step"], "epoch": meta["epoch"],
-        "world_size": "any (reshaped)" if reshaped else meta["world_size"],
-        "dp_size": meta["dp_size"], "sp_size": meta["sp_size"], "zero_stage": meta["zero_stage"],
-        "precision": meta.get("precision"), "model": meta["model"],
+        "path": str(tag_dir), "step": meta.step, "epoch": meta.epoch,
+        "world_size": "any (reshaped)" if reshaped else meta.world_size,
+        "dp_size": meta.dp_size, "sp_size": meta.sp_size, "zero_stage": meta.zero_stage,
+        "precision": meta.precision, "model": meta.model,
         "complete": ckio.is_complete(tag_dir) and not problems, "problems": problems,
-        "data_cursor_rank0": _summary(rank0.get("data")), "reshaped_from": meta.get("reshaped_from"),
-        "total_bytes": sum(sizes.values()), "files": sizes, "config": meta["config"],
+        "data_cursor_rank0": _summary(rank0.get("data")), "reshaped_from": dataclasses.asdict(meta.reshaped_from) if reshaped else None,
+        "total_bytes": sum(sizes.values()), "files": sizes, "config": meta.config,
     }
 
 
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             if problems:
                 raise CheckpointError(f"{tag_dir} is not a complete checkpoint: {problems[0]}")
             out = ckreshape.reshape(tag_dir, Path(args.out), workers=args.workers)
-            source_ranks = ckio.read_meta(out)["reshaped_from"]["world_size"]
+            source_ranks = ckio.read_meta(out).reshaped_from.world_size
             run_dir = Path(args.out).resolve().parent
             print(f"wrote {out} from {tag_dir} ({source_ranks} rank(s)); any world size resumes its weights, "
                   f"optimizer state and lr schedule, the rest of the epoch's data and the RNG:\n"

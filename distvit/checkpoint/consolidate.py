@@ -52,13 +52,13 @@ def check_out(out: Path, *, overwrite: bool) -> None:
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     tag_dir = Path(tag_dir)
-    meta = ckio.read_meta(tag_dir) if (tag_dir / ckio.META).is_file() else {}
+    meta = ckio.read_meta_if_any(tag_dir)  # None: a folder DeepSpeed wrote without distvit
     safe_load.precheck(tag_dir)
-    if meta.get("universal"):  # written by `distvit ckpt reshape`: whole fp32 tensors already
+    if meta is not None and meta.universal:  # written by `distvit ckpt reshape`: whole fp32 tensors already
         from distvit.checkpoint.reshape import universal_state_dict
 
         return universal_state_dict(tag_dir)
-    stage = meta.get("zero_stage")
+    stage = meta.zero_stage if meta is not None else None
     if stage is None:
         stage = 0 if not list(tag_dir.glob("*optim_states.pt")) else None
     if stage == 0:
@@ -104,9 +104,9 @@ def reader_for(tag_dir: Path):
     from distvit.checkpoint import stream
 
     tag_dir = Path(tag_dir)
-    meta = ckio.read_meta(tag_dir) if (tag_dir / ckio.META).is_file() else {}
-    stage = meta.get("zero_stage")
-    if not meta.get("universal"):
+    meta = ckio.read_meta_if_any(tag_dir)
+    stage = meta.zero_stage if meta is not None else None
+    if meta is None or not meta.universal:
         if stage == 3 or (stage is None and list(tag_dir.glob("zero_pp_rank_*_model_states.pt"))):
             safe_load.precheck(tag_dir)
             return stream.Zero3Reader(tag_dir)
@@ -130,12 +130,12 @@ def consolidate(tag_dir: Path, out: Path, *, overwrite: bool = False, max_shard_
     tag_dir, out = Path(tag_dir), Path(out)
     check_out(out, overwrite=overwrite)
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else stream.parse_size(max_shard_size)
-    meta = ckio.read_meta(tag_dir) if (tag_dir / ckio.META).is_file() else {}
+    meta = ckio.read_meta_if_any(tag_dir)
     metadata = {
         "format": "pt",
-        "model": str(meta.get("model", "")),
-        "step": str(meta.get("step", "")),
-        "config": json.dumps(meta.get("config", {})),
+        "model": meta.model if meta is not None else "",
+        "step": str(meta.step) if meta is not None else "",
+        "config": json.dumps(meta.config if meta is not None else {}),
     }
     reader = reader_for(tag_dir)
     try:

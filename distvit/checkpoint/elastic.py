@@ -15,17 +15,20 @@ import shutil
 from pathlib import Path
 
 from distvit.checkpoint import io as ckio
-from distvit.checkpoint.reshape import is_reshaped, reshape
+from distvit.checkpoint.reshape import reshape
 
 RESHAPED_DIR = "reshaped"
 
 
-def needs_reshape(meta: dict, mesh) -> bool:
-    return not is_reshaped(meta) and (meta.get("world_size"), meta.get("sp_size")) != (mesh.world_size, mesh.sp_size)
+def needs_reshape(meta: ckio.CheckpointMeta, mesh) -> bool:
+    return not meta.is_reshaped and (meta.world_size, meta.sp_size) != (mesh.world_size, mesh.sp_size)
 
 
 def _reusable(out_tag: Path, src: Path) -> bool:
-    return ckio.is_complete(out_tag) and ckio.read_meta(out_tag).get("reshaped_from", {}).get("path") == str(src.resolve())
+    if not ckio.is_complete(out_tag):
+        return False
+    made_from = ckio.read_meta(out_tag).reshaped_from
+    return made_from is not None and made_from.path == str(src.resolve())
 
 
 def _reshape_on_rank0(src: Path, out_root: Path, is_main: bool) -> tuple[Path, str | None]:
@@ -81,7 +84,7 @@ def for_this_world(trainer, candidates: list[Path], log) -> tuple[list[Path], st
         out_tag, error = _reshape_on_rank0(tag_dir, trainer.ckpt_root / RESHAPED_DIR, trainer.rank == 0)
         error = _outcome_of_rank0(error, trainer.rank == 0, mesh.world_size, tag_dir.name)
         if error is None:
-            note = (f"elastic resume: {tag_dir} was saved by {meta['world_size']} rank(s) (sp={meta['sp_size']}), "
+            note = (f"elastic resume: {tag_dir} was saved by {meta.world_size} rank(s) (sp={meta.sp_size}), "
                     f"this run has {mesh.world_size} (sp={mesh.sp_size}); reshaped into {out_tag}")
             return [out_tag], note
         failures.append(error)

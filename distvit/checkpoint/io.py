@@ -33,9 +33,10 @@ from typing import Any
 
 import torch
 
+from distvit.checkpoint.meta import META, CheckpointMeta, read_meta, read_meta_if_any  # noqa: F401 (the file protocol's face)
+
 LATEST = "latest"
 COMPLETE = "COMPLETE"
-META = "distvit.json"
 TAG_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -233,16 +234,12 @@ def read_latest(root: Path) -> str | None:
     return f.read_text().strip() if f.is_file() else None
 
 
-def mark_complete(tag_dir: Path, meta: dict) -> None:
+def mark_complete(tag_dir: Path, meta: CheckpointMeta) -> None:
     """Rank 0, after every rank's files are on disk: write the metadata, then COMPLETE, then latest."""
     tag_dir = Path(tag_dir)
-    atomic_write_text(tag_dir / META, json.dumps(meta, indent=2, sort_keys=True))
+    atomic_write_text(tag_dir / META, meta.to_json())
     atomic_write_text(tag_dir / COMPLETE, json.dumps({"files": build_manifest(tag_dir)}, indent=1))
     atomic_write_text(tag_dir.parent / LATEST, tag_dir.name)
-
-
-def read_meta(tag_dir: Path) -> dict:
-    return json.loads((Path(tag_dir) / META).read_text())
 
 
 def find_resume(root: Path, log=print) -> Path | None:

@@ -85,14 +85,13 @@ class CheckpointManager:
         ddist.barrier()
         return out
 
-    def _meta(self) -> dict:
+    def _meta(self) -> ckio.CheckpointMeta:
         t = self.t
-        return {
-            "step": t.step, "epoch": t.epoch, "world_size": t.mesh.world_size,
-            "dp_size": t.mesh.dp_size, "sp_size": t.mesh.sp_size,
-            "zero_stage": t.cfg.parallel.zero_stage, "model": t.cfg.model.name,
-            "precision": t.precision, "config": t.cfg.model_dump(mode="json"),
-        }
+        return ckio.CheckpointMeta(
+            step=t.step, epoch=t.epoch, world_size=t.mesh.world_size, dp_size=t.mesh.dp_size, sp_size=t.mesh.sp_size,
+            zero_stage=t.cfg.parallel.zero_stage, model=t.cfg.model.name, precision=t.precision,
+            config=t.cfg.model_dump(mode="json"),
+        )
 
     def save(self) -> Path:
         t = self.t

@@ -45,14 +45,11 @@ class ReshapeError(RuntimeError):
     pass
 
 
-def is_reshaped(meta: dict) -> bool:
-    return bool(meta.get("reshaped_from"))
-
-
 def is_universal(tag_dir: Path) -> bool:
     """True for a reshaped checkpoint that DeepSpeed must load with `load_universal`."""
     tag_dir = Path(tag_dir)
-    return (tag_dir / ckio.META).is_file() and bool(ckio.read_meta(tag_dir).get("universal"))
+    meta = ckio.read_meta_if_any(tag_dir)
+    return meta is not None and meta.universal
 
 
 def _common_state(src_tag: Path, world_size: int) -> dict:
@@ -94,7 +91,7 @@ def reshape(src_tag: Path, out_root: Path, *, workers: int = 1) -> Path:
         raise ReshapeError(f"{src_tag}: not a complete checkpoint (no {ckio.COMPLETE}); reshape a complete one, "
                            f"e.g. the run's checkpoints folder (its newest complete checkpoint is used)")
     meta = ckio.read_meta(src_tag)
-    if is_reshaped(meta):
+    if meta.is_reshaped:
         raise ReshapeError(f"{src_tag} is already reshaped: any world size resumes it as it is (--resume {src_tag})")
     out_tag = out_root / src_tag.name
     if out_tag.resolve() == src_tag.resolve():
@@ -107,20 +104,15 @@ def reshape(src_tag: Path, out_root: Path, *, workers: int = 1) -> Path:
     tmp = out_root / f".{src_tag.name}.reshape-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        stage = meta["zero_stage"]
+        stage = meta.zero_stage
         if stage == 0:
             # Whole weights and optimizer state in one file: nothing depends on the world size.
             tmp.mkdir()
             shutil.copy2(src_tag / "mp_rank_00_model_states.pt", tmp / "mp_rank_00_model_states.pt")
         else:
             _to_universal(src_tag, tmp, workers)
-        ckstate.save_common(tmp, **_common_state(src_tag, meta["world_size"]))
-        new_meta = {
-            **meta, "universal": stage > 0,
-            "reshaped_from": {"path": str(src_tag.resolve()), "world_size": meta["world_size"],
-                              "dp_size": meta["dp_size"], "sp_size": meta["sp_size"]},
-        }
-        ckio.atomic_write_text(tmp / ckio.META, _json(new_meta))
+        ckstate.save_common(tmp, **_common_state(src_tag, meta.world_size))
+        ckio.atomic_write_text(tmp / ckio.META, meta.reshaped(src_tag).to_json())
         ckio.atomic_write_text(tmp / ckio.COMPLETE, _json({"files": ckio.build_manifest(tmp)}))
         os.replace(tmp, out_tag)
     except BaseException:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from distvit.checkpoint import io as ckio
 from distvit.checkpoint import safe_load
 from distvit.checkpoint import state as ckstate
-from distvit.checkpoint.reshape import is_reshaped, is_universal
+from distvit.checkpoint.reshape import is_universal
 from distvit.config import ConfigError
 
 
@@ -36,11 +36,11 @@ def _all_ok(ok: bool) -> bool:
     return flag.item() == 0.0
 
 
-def check_layout(trainer, tag_dir: Path, meta: dict) -> None:
+def check_layout(trainer, tag_dir: Path, meta: ckio.CheckpointMeta) -> None:
     mesh = trainer.mesh
-    if not is_reshaped(meta) and (meta.get("world_size") != mesh.world_size or meta.get("sp_size") != mesh.sp_size):
+    if not meta.is_reshaped and (meta.world_size != mesh.world_size or meta.sp_size != mesh.sp_size):
         raise ResumeError(
-            f"checkpoint {tag_dir} was saved by {meta.get('world_size')} ranks (sp={meta.get('sp_size')}), "
+            f"checkpoint {tag_dir} was saved by {meta.world_size} ranks (sp={meta.sp_size}), "
             f"this run has {mesh.world_size} (sp={mesh.sp_size}); resume on the same world size, or with "
             f"--resume auto in the run that saved it (it reshapes by itself), or reshape it for any world size (`distvit ckpt reshape {tag_dir} --out <new run>/checkpoints`, then "
             f"--resume auto in that run), or consolidate it (`distvit ckpt consolidate`) and start from the "
@@ -51,7 +51,7 @@ def check_layout(trainer, tag_dir: Path, meta: dict) -> None:
 def _read(trainer, tag_dir: Path) -> dict:
     """Phase 1: every file read as data (nothing executed), the rank's state parsed."""
     safe_load.precheck(tag_dir)
-    if is_reshaped(ckio.read_meta(tag_dir)):
+    if ckio.read_meta(tag_dir).is_reshaped:
         state = ckstate.load_common(tag_dir)
         state["data_note"] = _load_reshaped_data(trainer, state.get("data"))
         return state
@@ -96,7 +96,7 @@ def _apply(trainer, tag_dir: Path, state: dict) -> None:
     if trainer.ema is not None and state.get("ema") is not None:
         trainer.ema.load_state_dict(state["ema"])
     meta = ckio.read_meta(tag_dir)
-    if is_reshaped(meta):
+    if meta.is_reshaped:
         from distvit.engine.build import seed_all
         from distvit.parallel.mesh import log0
 
@@ -110,7 +110,7 @@ def _apply(trainer, tag_dir: Path, state: dict) -> None:
             rng = "the RNG reseeded from run.seed and the step (the old ranks' states differed or were not saved)"
         elastic = trainer.checkpoints.elastic_note
         log0((f"{elastic}: " if elastic else "") +
-             f"resuming a checkpoint reshaped from {meta['reshaped_from']['world_size']} to "
+             f"resuming a checkpoint reshaped from {meta.reshaped_from.world_size} to "
              f"{trainer.mesh.world_size} rank(s): weights, optimizer and schedule carried over; "
              f"{state['data_note']}; {rng}")
         return
