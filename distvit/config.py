@@ -250,6 +250,24 @@ class CheckpointConfig(Section):
         return v
 
 
+class TaskConfig(Section):
+    """What the model learns: classify (labels, cross-entropy) or autoregressive (AIM next-patch
+    pixel regression with a causal model, vit_causal_*; distvit/engine/tasks.py)."""
+
+    kind: Literal["classify", "autoregressive"] = "classify"
+    prefix_patches: int = 0  # autoregressive: the first K patches attend both ways (AIM prefix); no loss on them
+    norm_pix: bool = True  # autoregressive: targets are each patch normalised by its own mean/std (AIM, MAE)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.prefix_patches < 0:
+            raise ValueError(f"task.prefix_patches must be >= 0 (0: plain causal), got {self.prefix_patches}")
+        if self.kind == "classify" and self.prefix_patches:
+            raise ValueError(f"task.prefix_patches={self.prefix_patches} applies to next-patch prediction; set "
+                             "task.kind=autoregressive (with a vit_causal_* model) or task.prefix_patches=0")
+        return self
+
+
 class LogConfig(Section):
     every_steps: int = 10
     tensorboard: bool = True
@@ -274,6 +292,7 @@ class Config(Section):
     distill: DistillConfig = DistillConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    task: TaskConfig = TaskConfig()
 
     @model_validator(mode="after")
     def _optimizer_fits_parallel(self):

@@ -45,6 +45,7 @@ from distvit.engine.optim import build_optimizer, freeze_parameters
 from distvit.engine.schedule import build_scheduler
 from distvit.engine.step_sync import StepSync
 from distvit.engine.step_tuning import grad_norm, takes_over_clipping, tune_engine
+from distvit.engine.tasks import NextPatch
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,6 +74,9 @@ def seed_all(seed: int) -> None:
 
 def build_model(cfg: Config) -> torch.nn.Module:
     """The model the config names, sized for its data (classes from the shards' manifest)."""
+    task = NextPatch.from_config(cfg)
+    if task is not None:  # task.kind=autoregressive: a causal model, no classifier (engine/tasks.py)
+        return task.build_model(cfg)
     manifest = read_manifest(cfg.data.train)
     num_classes = cfg.model.num_classes or (manifest or {}).get("num_classes")
     overrides = dict(
@@ -128,7 +132,10 @@ class Trainer:
             model.set_grad_checkpointing(True)
         self.flops_per_image = float(model.flops_per_image()) if hasattr(model, "flops_per_image") else None
         self.num_params = sum(p.numel() for p in model.parameters())
-        if cfg.parallel.sp_size > 1:
+        self.task = NextPatch.from_config(cfg)  # None: classification
+        if cfg.parallel.sp_size > 1 and self.task is not None:
+            self.task.parallelize(model, self.mesh, cfg.parallel.sp_impl)
+        elif cfg.parallel.sp_size > 1:
             from distvit.models.parallelize import parallelize_sequence
 
             # "partial": no gradient all-reduce over sp inside backward; DeepSpeed sums over sp and
@@ -193,7 +200,7 @@ class Trainer:
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         # A frozen teacher beside the engine (never wrapped by DeepSpeed), in the student's precision.
         self.distiller = distill.build_distiller(cfg, self.engine.module, self.device, self.input_dtype)
-        self.mixer = build_mixer(cfg.data, self.engine.module.num_classes)  # None without mixup / cutmix
+        self.mixer = build_mixer(cfg.data, getattr(self.engine.module, "num_classes", None))  # None without mixup / cutmix
 
         self.step = 0
         self.epoch = 0
@@ -251,7 +258,8 @@ class Trainer:
     def _print_plan(self, ds_config: dict) -> None:
         cfg = self.cfg
         global_batch = cfg.data.batch_size * cfg.parallel.grad_accum * self.mesh.dp_size
-        tokens = getattr(getattr(self.engine.module, "patch_embed", None), "num_patches", None)
+        tokens = (getattr(getattr(self.engine.module, "patch_embed", None), "num_patches", None)
+                  or getattr(self.engine.module, "num_patches", None))
         lines = [
             f"distvit: {cfg.model.name} ({self.num_params / 1e6:.2f}M params) on {self.mesh.world_size} rank(s) "
             f"[{self.info.launcher}], dp={self.mesh.dp_size} sp={self.mesh.sp_size}, device={self.device.type}, "
@@ -362,7 +370,9 @@ class Trainer:
             if self.mixer is not None:  # soft targets; the same mix on every sp rank of this dp rank
                 images, labels = self.mixer(images, labels, self.mixer.draws(self.cfg.run.seed, self.step, micro, self.mesh.dp_rank))
             logits = engine(images)
-            if self.distiller is not None:
+            if self.task is not None:  # next-patch regression: logits are the predicted patches
+                loss = self.task.loss(logits, images, engine.module)
+            elif self.distiller is not None:
                 loss = self.distiller.loss(images, logits, labels)
             else:
                 loss = cross_entropy(logits, labels, label_smoothing=self.cfg.optim.label_smoothing)
@@ -407,6 +417,12 @@ class Trainer:
             return {}
         model = self.engine if module is None else module
         model.eval()
+        if self.task is not None:  # held-out next-patch MSE (engine/tasks.py)
+            result = self.task.evaluate(model, self.engine.module if module is None else module, self.val_loader,
+                                        self.device, self.input_dtype if module is None else torch.float32,
+                                        self.mesh.dp_group, _rng_isolated(self.val_loader))
+            model.train()
+            return result
         # One row per head: a distilled student's averaged, class-token and distillation-token heads ("", _cls, _dist).
         net = self.engine.module if module is None else module
         heads = distill.head_names(net)
@@ -487,7 +503,8 @@ class Trainer:
                     progress.update(1)
                     if reading is not None:
                         progress.set_postfix(loss=f"{reading.loss:.4f}", lr=f"{self.engine.get_lr()[0]:.2e}",
-                                             **({"top1": f"{last_eval['val_top1']:.1f}"} if "val_top1" in last_eval else {}))
+                                             **({"top1": f"{last_eval['val_top1']:.1f}"} if "val_top1" in last_eval else {}),
+                                             **({"mse": f"{last_eval['val_mse']:.4f}"} if "val_mse" in last_eval else {}))
                 if is_save:
                     self.save()
                 if reading is not None and reading.stop:
@@ -507,7 +524,8 @@ class Trainer:
     def _evaluate_all(self) -> dict:
         result = self.evaluate()
         if self.ema is not None and self.val_loader is not None:
-            result["ema_val_top1"] = self.evaluate(self.ema)["val_top1"]
+            key = "val_mse" if self.task is not None else "val_top1"
+            result[f"ema_{key}"] = self.evaluate(self.ema)[key]
         if "val_top1" in result and (self.best["val_top1"] is None or result["val_top1"] > self.best["val_top1"]):
             self.best = {"val_top1": result["val_top1"], "val_top5": result["val_top5"]}
         return result
@@ -521,7 +539,7 @@ class Trainer:
         return {
             "step": self.step, "epoch": self.epoch, "loss": reading.loss, "lr": self.engine.get_lr()[0],
             "grad_norm": grad_norm(self.engine, self._clip),
-            "img_per_s": img_per_s, "step_time_s": step_time, "tflops": tflops, "mfu": mfu,
+            "img_per_s": img_per_s, "step_time_s": step_time, **self._tokens_per_s(img_per_s), "tflops": tflops, "mfu": mfu,
             "peak_mem_gib": peak_memory_gib(self.device), "bad_samples": reading.bad_samples,
             **offload.stats(self.offload),
         }
@@ -542,6 +560,8 @@ class Trainer:
         summary = {
             "status": reason, "steps": self.step, "epochs": self.step / self.steps_per_epoch, "wall_s": wall_s,
             "img_per_s": self._throughput(global_batch, wall_s),
+            **self._tokens_per_s(self._throughput(global_batch, wall_s)),
+            **({"final_mse": last_eval["val_mse"]} if "val_mse" in last_eval else {}),
             "final_top1": last_eval.get("val_top1"), "final_top5": last_eval.get("val_top5"),
             "best_top1": self.best["val_top1"], "best_top5": self.best["val_top5"],
             **{f"final_{k[len('val_'):]}": v for k, v in last_eval.items() if k.startswith(("val_loss_", "val_top1_", "val_top5_"))},
@@ -551,6 +571,12 @@ class Trainer:
         if self.is_main:
             ckio.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
+
+    def _tokens_per_s(self, img_per_s: float) -> dict:
+        """The autoregressive task's throughput in patch tokens (its unit of work, as LLMs count)."""
+        if self.task is None:
+            return {}
+        return {"tokens_per_s": img_per_s * self.task.tokens_per_image(self.engine.module)}
 
     def _throughput(self, global_batch: int, wall_s: float) -> float:
         return (self.step - self._start_step) * global_batch / max(wall_s, 1e-9)
