@@ -82,7 +82,7 @@ def _equals_reference(run_dir, args, dp_size):
 def test_zero3_activation_checkpointing_loss_falls(digits_dir, tmp_path):
     args = aim_args(digits_dir, tmp_path, "z3", "run.max_steps=40", "run.eval_every=20", "log.every_steps=5",
                     "parallel.zero_stage=3", "parallel.activation_checkpointing=true")
-    proc = launch(args)
+    proc = launch(args, timeout=600)
     assert "vit_causal_digits" in proc.stdout and "16 tokens/image" in proc.stdout
     rows = read_metrics(tmp_path / "z3")
     loss = [float(r["loss"]) for r in rows if r["loss"]]
@@ -100,11 +100,11 @@ def test_zero3_activation_checkpointing_loss_falls(digits_dir, tmp_path):
 def test_resume_is_bitwise_with_offload_and_ema(digits_dir, tmp_path):
     common = ["run.max_steps=8", "checkpoint.every_steps=4", "checkpoint.keep=5", "model.drop_path_rate=0.1",
               "parallel.zero_stage=2", "parallel.offload=cpu", "optim.ema_decay=0.9", "run.eval_every=8"]
-    launch(aim_args(digits_dir, tmp_path, "straight", *common))
+    launch(aim_args(digits_dir, tmp_path, "straight", *common), timeout=600)
     args = aim_args(digits_dir, tmp_path, "interrupted", *common)
-    crashed = launch(args, env=run_env(DISTVIT_TEST_FAULT="kill_at_step:6:1"), check=False)
+    crashed = launch(args, env=run_env(DISTVIT_TEST_FAULT="kill_at_step:6:1"), check=False, timeout=600)
     assert crashed.returncode != 0
-    launch(args + ["--resume", "auto"])
+    launch(args + ["--resume", "auto"], timeout=600)
     assert losses(tmp_path / "interrupted") == losses(tmp_path / "straight")
     a, b = load_weights(tmp_path / "straight" / "model.safetensors"), load_weights(tmp_path / "interrupted" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -115,8 +115,9 @@ def test_resume_is_bitwise_with_offload_and_ema(digits_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_sp2_ring_zero2_equals_single_process(digits_dir, tmp_path):
-    args = aim_args(digits_dir, tmp_path, "sp", "parallel.zero_stage=2", "parallel.sp_size=2", "parallel.sp_impl=ring")
-    proc = launch(args)
+    args = aim_args(digits_dir, tmp_path, "sp", "parallel.zero_stage=2", "parallel.sp_size=2", "parallel.sp_impl=ring",
+                    "task.prefix_patches=0", "task.norm_pix=true")
+    proc = launch(args, timeout=600)
     assert "dp=1 sp=2" in proc.stdout
     _equals_reference(tmp_path / "sp", args, dp_size=1)
 
