@@ -54,6 +54,9 @@ class LoadedRun:
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         from distvit.engine.distill import named_logits
 
+        if self.cfg.task.kind != "classify":
+            raise ConfigError(f"{self.weights}: a task.kind={self.cfg.task.kind} run predicts patches, not classes; "
+                              "complete images with `distvit generate --checkpoint <run> --prompt ...` instead")
         return named_logits(self.model(batch.to(self.device)))[""]
 
 

@@ -153,3 +153,14 @@ def test_cli_bad_paths_are_one_line(aim_run, tmp_path):
                                   "(UnidentifiedImageError); give PNG/JPEG files or webdataset shards (.tar, brace or "
                                   "glob patterns)")
     assert not (tmp_path / "o").exists()
+
+
+def test_predict_on_an_autoregressive_run_points_to_generate(aim_run, tmp_path):
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(tmp_path / "x.png")
+    proc = subprocess.run([sys.executable, "-m", "distvit.cli", "predict", "--checkpoint", str(aim_run), str(tmp_path / "x.png")],
+                          cwd=ROOT, env=run_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("a task.kind=autoregressive run predicts patches, not classes; complete "
+                                        "images with `distvit generate --checkpoint <run> --prompt ...` instead"), proc.stderr
