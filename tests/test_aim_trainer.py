@@ -4,7 +4,7 @@
   metrics carry tokens/s, the summary the final MSE;
 - ZeRO-2 + CPU offload + EMA: kill -9 of one rank, then --resume auto equals the uninterrupted
   run bitwise (losses and weights);
-- sp = 2 (ring, zig-zag layout) with ZeRO-2, and dp = 2 with ZeRO-1, equal a one-process torch
+- sp = 2 (ring with the zig-zag layout, and ulysses) with ZeRO-2, and dp = 2 with ZeRO-1, equal a one-process torch
   AdamW loop on the same images (prefix attention and per-patch normalised targets on for dp);
 - config errors: a causal model under task classify, and the other misfits, are one line.
 """
@@ -114,8 +114,9 @@ def test_resume_is_bitwise_with_offload_and_ema(digits_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_sp2_ring_zero2_equals_single_process(digits_dir, tmp_path):
-    args = aim_args(digits_dir, tmp_path, "sp", "parallel.zero_stage=2", "parallel.sp_size=2", "parallel.sp_impl=ring",
+@pytest.mark.parametrize("impl", ["ring", "ulysses"])  # ring: the zig-zag layout
+def test_sp2_zero2_equals_single_process(digits_dir, tmp_path, impl):
+    args = aim_args(digits_dir, tmp_path, "sp", "parallel.zero_stage=2", "parallel.sp_size=2", f"parallel.sp_impl={impl}",
                     "task.prefix_patches=0", "task.norm_pix=true")
     proc = launch(args, timeout=600)
     assert "dp=1 sp=2" in proc.stdout
@@ -163,3 +164,15 @@ def test_prefix_beyond_the_image_is_one_line(digits_dir):
     cfg = load_config("aim_digits", ["task.prefix_patches=16", f"data.train={digits_dir}/train-*.tar"])
     with pytest.raises(ConfigError, match=r"^CausalViT: prefix_patches=16 \(task.prefix_patches\) must be in \[0, 15\]"):
         build_model(cfg)
+
+
+def test_causal_model_named_on_the_demo_config_builds(digits_dir):
+    # What a user tries first: the classifier demo with the causal model and the task switched.
+    from distvit.engine.trainer import build_model
+    from distvit.models.causal_vit import CausalViT
+
+    cfg = load_config("demo_digits", ["model.name=vit_causal_digits", "task.kind=autoregressive",
+                                      f"data.train={digits_dir}/train-*.tar"])
+    model = build_model(cfg)
+    assert isinstance(model, CausalViT)
+    assert (model.cfg.img_size, model.cfg.in_chans, model.cfg.drop_path_rate, model.prefix_patches) == (8, 1, 0.1, 0)
