@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from distvit.generate import generate, generate_recompute
 from distvit.models.causal_vit import vit_causal_digits
+from gpu_helpers import CUDA
 from trainer_helpers import ROOT, free_port, run_env
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -65,6 +66,18 @@ def test_ragged_batch_equals_each_prompt_alone():
     batch = generate(model, prompts, backend="torch")
     for b, p in enumerate(prompts):
         torch.testing.assert_close(batch[b:b + 1], generate(model, [p], backend="torch"), **TOL)
+
+
+@pytest.mark.parametrize("device", [CUDA])
+@pytest.mark.parametrize("backend", ["streamk", "sdpa"])
+def test_cuda_generation_equals_recompute(device, backend):
+    # On CUDA, `auto` is the stream-K kernel. Its fp32 dot products may run in TF32 (10-bit mantissa),
+    # so the bound is 2e-3 here rather than the CPU path's 1e-5; a wrong cache position or mask
+    # gives errors of order 1.
+    model = _model(5).to(device)
+    prompts = [p.to(device) for p in _prompts(model)]
+    cached = generate(model, prompts, backend=backend)
+    torch.testing.assert_close(cached.cpu(), generate_recompute(model, prompts).cpu(), rtol=2e-3, atol=2e-3)
 
 
 def test_bad_prompt_length_is_one_line():
