@@ -161,7 +161,8 @@ def load_generator(checkpoint: str, device: str = "auto"):
 
 
 def load_prompts(model: CausalViT, sources: list[str], num: int) -> torch.Tensor:
-    """Whole images (n, C, H, W), normalised as the run's val loader does: image files or shard patterns."""
+    """Whole images (n, C, H, W), normalised as the run's val loader does: every image file, and the
+    first `num` images of each shard pattern."""
     from PIL import Image
 
     run = model.run
@@ -178,7 +179,7 @@ def load_prompts(model: CausalViT, sources: list[str], num: int) -> torch.Tensor
                                 "or webdataset shards (.tar, brace or glob patterns)") from None
         else:
             images.append(_shard_images(run, src, num))
-    batch = torch.cat(images)[:num] if images else torch.empty(0)
+    batch = torch.cat(images) if images else torch.empty(0)  # every image file; --num from each shard pattern
     if batch.shape[0] == 0:
         raise UserError(f"--prompt {' '.join(sources)}: no images found; give image files or shard patterns")
     return batch.to(model.pos_embed.device)

@@ -177,3 +177,18 @@ def test_predict_on_an_autoregressive_run_points_to_generate(aim_run, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith("a task.kind=autoregressive run predicts patches, not classes; complete "
                                         "images with `distvit generate --checkpoint <run> --prompt ...` instead"), proc.stderr
+
+
+def test_cli_takes_every_image_file(aim_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"d{i}.png")
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(files[-1])
+    proc = _cli("--checkpoint", aim_run, "--prompt", *files, "--prefix-patches", 8, "--num", 1, "--out", tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("generated 3 image(s)")
+    assert torch.load(tmp_path / "o" / "generated.pt", weights_only=True).shape == (3, 1, 8, 8)
