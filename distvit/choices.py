@@ -26,6 +26,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # distvit/parallel/deepspeed_conf
 OFFLOAD_MODES = ("none", "cpu", "partial", "interleaved")  # distvit/offload
 SP_IMPLS = ("ulysses", "ring", "hybrid")  # distvit/parallel/parallelize.py
 DISTILL_KINDS = ("none", "hard", "soft")  # distvit/engine/distill.py
+TASKS = ("classify", "autoregressive")  # distvit/engine/tasks.py
 
 # data (distvit/data/config.py)
 SHARD_SPLITS = ("samples", "shards")

@@ -4,6 +4,7 @@
     distvit data write digits --out data/digits
     distvit data verify 'data/digits/train-{000000..000003}.tar'
     distvit ckpt inspect runs/demo_digits/checkpoints
+    distvit generate --checkpoint runs/aim_digits --prompt 'data/digits/val-*.tar' --prefix-patches 8 --out gen
 """
 from __future__ import annotations
 
@@ -68,7 +69,9 @@ def print_summary(summary: dict) -> None:
     print(
         f"done: {summary['status']} after {summary['steps']} steps ({summary['epochs']:.2f} epochs) in {summary['wall_s']:.1f} s"
         + (f"; val top-1 {top1:.2f}% (best {summary['best_top1']:.2f}%)" if top1 is not None else "")
-        + f"; {summary['img_per_s']:.0f} img/s\n"
+        + (f"; val next-patch MSE {summary['final_mse']:.4f}" if summary.get("final_mse") is not None else "")
+        + f"; {summary['img_per_s']:.0f} img/s"
+        + (f", {summary['tokens_per_s']:.0f} tokens/s" if summary.get("tokens_per_s") else "") + "\n"
         f"  checkpoint: {summary['checkpoint']}\n"
         + (f"  weights:    {summary['weights']}\n" if summary.get("weights") else "")
         + f"  logs:       {summary['run_dir']}/metrics.csv, {summary['run_dir']}/tensorboard, {summary['run_dir']}/summary.json",
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         "ckpt": ("inspect, consolidate, reshape, verify and prune checkpoints", lambda a: _lazy("distvit.checkpoint.cli", a)),
         "eval": ("top-1/top-5, per-class accuracy, confusion matrix of a run", lambda a: _lazy("distvit.evaluate", a)),
         "predict": ("top-k classes of image files", lambda a: _lazy("distvit.predict", a)),
+        "generate": ("complete images patch by patch with an autoregressive run (KV cache)",
+                     lambda a: _lazy("distvit.generate", a)),
     }
     parser = argparse.ArgumentParser(prog="distvit", description="Distributed training of vision transformers.")
     parser.add_argument("--version", action="version", version=f"distvit {__version__}")

@@ -54,6 +54,9 @@ class LoadedRun:
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         from distvit.engine.distill import named_logits
 
+        if self.cfg.task.kind != "classify":
+            raise ConfigError(f"{self.weights}: a task.kind={self.cfg.task.kind} run predicts patches, not classes; "
+                              "complete images with `distvit generate --checkpoint <run> --prompt ...` instead")
         return named_logits(self.model(batch.to(self.device)))[""]
 
 
@@ -114,6 +117,8 @@ def load_run(checkpoint: str, device: str = "auto", data: str | None = None) -> 
     num_classes = cfg.model.num_classes or (int(sd[head].shape[0]) if head else None)
     overrides = dict(img_size=cfg.model.img_size or cfg.data.img_size, in_chans=cfg.model.in_chans or cfg.data.in_chans,
                      attn_backend=cfg.model.attn_backend, num_classes=num_classes)
+    if cfg.task.kind == "autoregressive":  # a causal model: no classifier, its prefix from the task (engine/tasks.py)
+        overrides.update(num_classes=None, prefix_patches=cfg.task.prefix_patches)
     model = models.create(cfg.model.name, **overrides)
     report = compare_state_dict(model, sd)
     if not report.ok:

@@ -160,3 +160,33 @@ def test_zigzag_balances_the_causal_work_of_the_base_geometry():
     assert len(set(zigzag)) == 1 and zigzag[0] == 50 * 51 // 2 + 3 * 50 * 25
     assert contiguous == [49 * 50 // 2 + r * 49 * 49 for r in range(4)]  # the last rank: 6x the first's
     assert sum(zigzag) == 200 * 201 // 2  # zigzag computes the causal triangle once, no more
+
+
+def _drop_path_worker(rank, world, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = parallelize_causal(vit_causal_digits(img_size=10, depth=2, drop_path_rate=0.5).train(), None, "ring")
+        torch.manual_seed(5 if rank == 0 else 100 + rank)  # rank 0 draws the masks as one process would;
+        # the others' own draws would differ: they must receive rank 0's
+        loss = model.loss(_images())
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}},
+                   f"{out_dir}/drop{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_drop_path_mask_is_shared_over_the_sp_group(tmp_path):
+    # Stochastic depth drops whole images: every sp rank must drop the same ones, as one process does.
+    mp.spawn(_drop_path_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    ref = vit_causal_digits(img_size=10, depth=2, drop_path_rate=0.5).train()
+    torch.manual_seed(5)
+    loss = ref.loss(_images())
+    loss.backward()
+    for r in range(2):
+        got = torch.load(tmp_path / f"drop{r}.pt")
+        torch.testing.assert_close(got["loss"], loss.detach(), **TOL)
+        for n, g in got["grads"].items():  # grad_sync="allreduce": every rank holds the full gradient
+            torch.testing.assert_close(g, ref.get_parameter(n).grad, **TOL, msg=lambda m: f"rank {r} {n}: {m}")

@@ -155,8 +155,9 @@ def test_registered_under_its_names():
     with pytest.raises(ValueError) as err:
         create("vit_causal_digits", num_classes=10)
     assert str(err.value) == (
-        "vit_causal_digits: unknown override(s) num_classes; a causal ViT takes attn_backend, depth, embed_dim, "
-        "img_size, in_chans, mlp_ratio, num_heads, patch_size, qkv_bias (it has no classifier, so no num_classes)")
+        "vit_causal_digits: unknown override(s) num_classes; a causal ViT takes attn_backend, depth, drop_path_rate, "
+        "embed_dim, img_size, in_chans, mlp_ratio, num_heads, patch_size, prefix_patches, qkv_bias (it has no "
+        "classifier, so no num_classes)")
 
 
 def test_loss_trains_every_parameter(model):

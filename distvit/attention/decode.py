@@ -198,10 +198,10 @@ def _decode_torch(q, k, v, lens, visible, scale):
     last = _last_visible(lens, visible, Tq, G)[:, None, :, None]  # (B, 1, rows, 1)
     # On CPU skip the chunks past the longest sequence (free to know there); on GPU that
     # would need a sync.
-    end = int(lens.max()) if q.device.type == "cpu" else T
+    end = max(int(lens.max()), 1) if q.device.type == "cpu" else T
     outs, lses = [], []
-    for start in range(0, max(end, 1), TORCH_CHUNK):
-        stop = min(start + TORCH_CHUNK, T)
+    for start in range(0, end, TORCH_CHUNK):
+        stop = min(start + TORCH_CHUNK, end)  # not past `end`: a short sequence in a big cache reads its keys only
         kc = k[:, :, start:stop].to(acc)
         vc = v[:, :, start:stop].to(acc)
         s = qg @ kc.transpose(-1, -2)  # (B, Hkv, rows, C)

@@ -10,11 +10,11 @@ flows one way, into the trainer.
 from distvit.config.load import CONFIG_DIR, load_config, parse_override, save_config, shipped_configs
 from distvit.config.schema import (
     CheckpointConfig, Config, ConfigError, DistillConfig, LogConfig, ModelConfig, OptimConfig, ParallelConfig,
-    RunConfig, ScheduleConfig, Section,
+    RunConfig, ScheduleConfig, Section, TaskConfig,
 )
 
 __all__ = [
     "CONFIG_DIR", "load_config", "parse_override", "save_config", "shipped_configs", "CheckpointConfig", "Config",
     "ConfigError", "DistillConfig", "LogConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RunConfig",
-    "ScheduleConfig", "Section",
+    "ScheduleConfig", "Section", "TaskConfig",
 ]

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from distvit.choices import (ATTENTION_BACKENDS, CLIP_MODES, DEVICES, DISTILL_KINDS, LR_BASE_SCALES, OFFLOAD_MODES,
-                             OPTIMIZERS, PRECISIONS, SCHEDULES, SP_IMPLS, ZERO_STAGES, bounded)
+                             OPTIMIZERS, PRECISIONS, SCHEDULES, SP_IMPLS, TASKS, ZERO_STAGES, bounded)
 from distvit.data.config import DataConfig
 from distvit.errors import UserError
 from distvit.offload import Settings as OffloadSettings
@@ -176,6 +176,23 @@ class CheckpointConfig(Section):
     locals()["async"] = False
 
 
+class TaskConfig(Section):
+    """What the model learns: classify (labels, cross-entropy) or autoregressive (AIM next-patch
+    pixel regression with a causal model, vit_causal_*; distvit/engine/tasks.py)."""
+
+    kind: Literal[TASKS] = "classify"
+    # autoregressive: the first K patches attend both ways (AIM prefix); no loss on them
+    prefix_patches: Annotated[int, bounded(ge=0, hint="(0: plain causal)")] = 0
+    norm_pix: bool = True  # autoregressive: targets are each patch normalised by its own mean/std (AIM, MAE)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.kind == "classify" and self.prefix_patches:
+            raise ValueError(f"task.prefix_patches={self.prefix_patches} applies to next-patch prediction; set "
+                             "task.kind=autoregressive (with a vit_causal_* model) or task.prefix_patches=0")
+        return self
+
+
 class LogConfig(Section):
     every_steps: Annotated[int, bounded(ge=1, hint="(optimizer steps between log lines)")] = 10
     tensorboard: bool = True
@@ -193,6 +210,7 @@ class Config(Section):
     distill: DistillConfig = DistillConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    task: TaskConfig = TaskConfig()
 
     @model_validator(mode="after")
     def _optimizer_fits_parallel(self):

@@ -29,6 +29,7 @@ from distvit.engine.optim import build_optimizer, freeze_parameters
 from distvit.engine.schedule import build_scheduler
 from distvit.engine.step_sync import StepSync
 from distvit.engine.step_tuning import takes_over_clipping, tune_engine
+from distvit.engine.tasks import NextPatch
 from distvit.parallel import mesh as ddist
 from distvit.parallel.mesh import log0
 from distvit.parallel.deepspeed_config import build_ds_config, resolve_precision
@@ -43,6 +44,9 @@ def seed_all(seed: int) -> None:
 
 def build_model(cfg: Config) -> torch.nn.Module:
     """The model the config names, sized for its data (classes from the shards' manifest)."""
+    task = NextPatch.from_config(cfg)
+    if task is not None:  # task.kind=autoregressive: a causal model, no classifier (engine/tasks.py)
+        return task.build_model(cfg)
     manifest = read_manifest(cfg.data.train)
     num_classes = cfg.model.num_classes or (manifest or {}).get("num_classes")
     overrides = dict(
@@ -156,7 +160,7 @@ def build(cfg: Config, mesh: ddist.Mesh, device: torch.device, resume_from: Path
     # A frozen teacher beside the engine (never wrapped by DeepSpeed), in the student's precision.
     distiller = distill.build_distiller(cfg, engine.module, device, input_dtype)
     packed_train.check_teacher(cfg, distiller and distiller.teacher)
-    mixer = build_mixer(cfg.data, engine.module.num_classes)  # None without mixup / cutmix
+    mixer = build_mixer(cfg.data, getattr(engine.module, "num_classes", None))  # None without mixup / cutmix
 
     return Parts(engine=engine, train_loader=train_loader, val_loader=val_loader, steps_per_epoch=steps_per_epoch,
                  total_steps=total_steps, precision=precision, input_dtype=input_dtype, ds_config=ds_config,

@@ -32,6 +32,7 @@ COLUMNS = [
     "step", "epoch", "loss", "lr", "grad_norm", "img_per_s", "step_time_s", "tflops", "mfu",
     "peak_mem_gib", "bad_samples", "val_loss", "val_top1", "val_top5", "ema_val_top1",
     "val_top1_cls", "val_top1_dist",  # distilled models: each head alone (val_top1 is their average)
+    "tokens_per_s", "val_mse", "ema_val_mse",  # task.kind=autoregressive (engine/tasks.py)
     "offload_device_fraction", "offload_predicted_update_s", "offload_measured_update_s", "offload_replans",  # distvit.offload.STATS_COLUMNS
     "pack_fill",  # data.packing: real patches / slots of the epoch's packed batches
 ]

@@ -16,7 +16,8 @@ def run_plan(t) -> str:
     """The start-up lines: model, ranks, mesh, precision, batch arithmetic, lr, FLOPs, resume."""
     cfg = t.cfg
     global_batch = cfg.data.batch_size * cfg.parallel.grad_accum * t.mesh.dp_size
-    tokens = getattr(getattr(t.engine.module, "patch_embed", None), "num_patches", None)
+    tokens = (getattr(getattr(t.engine.module, "patch_embed", None), "num_patches", None)
+              or getattr(t.engine.module, "num_patches", None))
     tokens = None if cfg.data.packing else tokens  # packed: images of many sizes (packed_train.describe)
     lines = [
         f"distvit: {cfg.model.name} ({t.num_params / 1e6:.2f}M params) on {t.mesh.world_size} rank(s) "
@@ -49,7 +50,7 @@ def metrics_row(t, reading, img_per_s: float, step_time: float, flops_per_s: flo
     return {
         "step": t.step, "epoch": t.epoch, "loss": reading.loss, "lr": t.engine.get_lr()[0],
         "grad_norm": grad_norm(t.engine, t._clip),
-        "img_per_s": img_per_s, "step_time_s": step_time, "tflops": tflops, "mfu": mfu,
+        "img_per_s": img_per_s, "step_time_s": step_time, **_tokens_per_s(t, img_per_s), "tflops": tflops, "mfu": mfu,
         "peak_mem_gib": peak_memory_gib(t.device), "bad_samples": reading.bad_samples,
         **offload.stats(t.offload),
         **({"pack_fill": t.train_loader.stats()["pack_fill"]} if t.cfg.data.packing else {}),
@@ -61,6 +62,8 @@ def summary(t, wall_s: float, last_eval: dict, tag_dir: Path, export: Path | Non
     summary = {
         "status": reason, "steps": t.step, "epochs": t.step / t.steps_per_epoch, "wall_s": wall_s,
         "img_per_s": t._images_done / max(wall_s, 1e-9),  # images counted per step (packed steps vary)
+        **_tokens_per_s(t, t._images_done / max(wall_s, 1e-9)),
+        **({"final_mse": last_eval["val_mse"]} if "val_mse" in last_eval else {}),
         "final_top1": last_eval.get("val_top1"), "final_top5": last_eval.get("val_top5"),
         "best_top1": t.best["val_top1"], "best_top5": t.best["val_top5"],
         **{f"final_{k[len('val_'):]}": v for k, v in last_eval.items() if k.startswith(("val_loss_", "val_top1_", "val_top5_"))},
@@ -70,3 +73,10 @@ def summary(t, wall_s: float, last_eval: dict, tag_dir: Path, export: Path | Non
     if t.is_main:
         ckio.atomic_write_text(t.run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _tokens_per_s(t, img_per_s: float) -> dict:
+    """The autoregressive task's throughput in patch tokens (its unit of work, as LLMs count)."""
+    if t.task is None:
+        return {}
+    return {"tokens_per_s": img_per_s * t.task.tokens_per_image(t.engine.module)}

@@ -27,6 +27,7 @@ from distvit.engine.build import Parts, build
 from distvit.engine.evaluation import evaluate_classifier
 from distvit.engine.loss import cross_entropy
 from distvit.engine.signals import StopSignals
+from distvit.engine.tasks import NextPatch
 from distvit.engine.metrics import MetricsWriter, device_peak_tflops
 from distvit.engine.startup import check_output_dir
 from distvit.parallel import mesh as ddist
@@ -73,6 +74,7 @@ class Trainer:
         for name in Parts.__dataclass_fields__:  # self.engine, self.train_loader, ...: build.Parts
             setattr(self, name, getattr(parts, name))
         self._images_done = 0  # images trained on since this process started (all dp ranks)
+        self.task = NextPatch.from_config(cfg)  # None: classification (engine/tasks.py)
         self.checkpoints.attach()  # checkpoint.async: snapshots through the engine built above
 
         self.step = 0
@@ -124,7 +126,9 @@ class Trainer:
             if self.mixer is not None:  # soft targets; the same mix on every sp rank of this dp rank
                 images, labels = self.mixer(images, labels, self.mixer.draws(self.cfg.run.seed, self.step, micro, self.mesh.dp_rank))
             logits = engine(images)
-            if self.distiller is not None:
+            if self.task is not None:  # next-patch regression: logits are the predicted patches
+                loss = self.task.loss(logits, images, engine.module)
+            elif self.distiller is not None:
                 loss = self.distiller.loss(images, logits, labels)
             else:
                 loss = cross_entropy(logits, labels, label_smoothing=self.cfg.optim.label_smoothing)
@@ -169,6 +173,11 @@ class Trainer:
         """Loss, top-1, top-5 over the whole val set (exact), of the engine or of `module` (the EMA)."""
         if self.val_loader is None:
             return {}
+        if self.task is not None:  # held-out next-patch MSE (engine/tasks.py)
+            return self.task.evaluate(self.engine if module is None else module,
+                                      self.engine.module if module is None else module, self.val_loader, self.device,
+                                      self.input_dtype if module is None else torch.float32, self.mesh.dp_group,
+                                      _rng_isolated(self.val_loader))
         return evaluate_classifier(self.engine if module is None else module,
                                    self.engine.module if module is None else module, _rng_isolated(self.val_loader),
                                    device=self.device, dtype=self.input_dtype if module is None else torch.float32,
@@ -228,7 +237,8 @@ class Trainer:
                     progress.update(1)
                     if reading is not None:
                         progress.set_postfix(loss=f"{reading.loss:.4f}", lr=f"{self.engine.get_lr()[0]:.2e}",
-                                             **({"top1": f"{last_eval['val_top1']:.1f}"} if "val_top1" in last_eval else {}))
+                                             **({"top1": f"{last_eval['val_top1']:.1f}"} if "val_top1" in last_eval else {}),
+                                             **({"mse": f"{last_eval['val_mse']:.4f}"} if "val_mse" in last_eval else {}))
                 if is_save:
                     self.save()
                 if reading is not None and reading.stop:
@@ -249,7 +259,8 @@ class Trainer:
     def _evaluate_all(self) -> dict:
         result = self.evaluate()
         if self.ema is not None and self.val_loader is not None:
-            result["ema_val_top1"] = self.evaluate(self.ema)["val_top1"]
+            key = "val_mse" if self.task is not None else "val_top1"
+            result[f"ema_{key}"] = self.evaluate(self.ema)[key]
         if "val_top1" in result and (self.best["val_top1"] is None or result["val_top1"] > self.best["val_top1"]):
             self.best = {"val_top1": result["val_top1"], "val_top5": result["val_top5"]}
         return result

@@ -10,6 +10,11 @@ Incremental decoding keeps a preallocated KV cache (KVCache) and attends the new
 it with distvit.attention.decode.decode_attention; feeding the patches of an image one at a
 time gives the same predictions as the full causal forward (tests/test_causal_vit.py).
 
+Prefix attention (AIM): with prefix_patches = K > 0 the first K + 1 tokens (the start token and
+patches 0 .. K-1) see each other both ways; every later token stays causal. The prediction at
+token i >= K (patch i) still sees only patches before it, so the loss is taken on patches K .. N-1
+(distvit/engine/tasks.py); the bidirectional prefix is the prompt at generation.
+
 Pure PyTorch: no torch.distributed here (sequence parallelism: parallel/parallelize_causal.py).
 """
 from __future__ import annotations
@@ -20,6 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.utils.checkpoint import checkpoint
+
+from distvit.attention import attention
 from distvit.attention.decode import MAX_QUERY_TOKENS, decode_attention
 from distvit.models.layers import Attention, Block, LayerNorm
 from distvit.models.registry import register_model
@@ -34,7 +42,9 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, batch: int, heads: int, capacity: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 backend: str = "auto"):
+        self.backend = backend  # decode_attention's: auto = streamk on CUDA, torch elsewhere
         shape = (num_layers, batch, heads, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -53,6 +63,13 @@ class KVCache:
         self.k[layer][batch, :, pos] = k_new.transpose(1, 2).to(self.k.dtype)
         self.v[layer][batch, :, pos] = v_new.transpose(1, 2).to(self.v.dtype)
 
+    holds_whole_sequences = True  # a sharded cache (parallel/decode_sp.py) holds a slice of positions
+
+    def attend(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Decode attention of n <= 16 new queries (already written) over each sequence's tokens."""
+        return decode_attention(q, self.k[layer], self.v[layer], self.seqlens + q.shape[2], scale=scale,
+                                backend=self.backend)
+
     def advance(self, n: int) -> None:
         self.seqlens += n
 
@@ -66,23 +83,33 @@ class CachedAttention(Attention):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_backend: str = "auto"):
         super().__init__(dim, num_heads, qkv_bias=qkv_bias, causal=True, attn_backend=attn_backend)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        if cache is None:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """bias: an additive prefix-causal mask (prefix_bias) replacing the causal one, or None."""
+        if cache is None and bias is None:
             return super().forward(x)
         B, n, C = x.shape
         q, k, v = self.qkv(x).reshape(B, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if cache is None:
+            o = attention(q, k, v, causal=False, bias=bias, scale=self.scale, backend=self.attn_backend)
+            return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, n, C)))
         cache.write(layer, k, v)
-        if n <= MAX_QUERY_TOKENS:
-            o = decode_attention(q, cache.k[layer], cache.v[layer], cache.seqlens + n, scale=self.scale)
+        if bias is not None:
+            o = self._prefill(q, cache, layer, bias)
+        elif n <= MAX_QUERY_TOKENS:
+            o = cache.attend(layer, q, self.scale)  # a sharded cache (parallel/decode_sp.py) merges over ranks
         else:
             o = self._prefill(q, cache, layer)
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, n, C)))
 
-    def _prefill(self, q, cache, layer):
+    def _prefill(self, q, cache, layer, bias=None):
         """More new tokens than decode takes: ordinary causal attention over the cached prefix.
 
         Needs every sequence at the same length (one slice of the cache serves the batch).
         """
+        if not cache.holds_whole_sequences:
+            raise ValueError(f"CachedAttention: a chunk of {q.shape[2]} tokens (or a prefix mask) needs the whole "
+                             "cache on this rank; prefill into a KVCache, then split it (ShardedKVCache.from_full)")
         lengths = cache.seqlens.unique()
         if lengths.numel() != 1:
             raise ValueError(f"CachedAttention: a chunk of {q.shape[2]} tokens needs every sequence of the cache "
@@ -91,6 +118,8 @@ class CachedAttention(Attention):
         end = int(lengths) + q.shape[2]
         k = cache.k[layer][:, :, :end].to(q.dtype)
         v = cache.v[layer][:, :, :end].to(q.dtype)
+        if bias is not None:  # prefix-causal over the whole cached span (bias is (B|1, 1, n, end))
+            return attention(q, k, v, causal=False, bias=bias, scale=self.scale, backend=self.attn_backend)
         return self.attend(q, k, v)  # causal, bottom-right: the new tokens are the last ones
 
 
@@ -98,12 +127,14 @@ class CausalBlock(Block):
     """layers.Block, causal, whose attention can use a KVCache. Parameter names as timm's."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 attn_backend: str = "auto"):
-        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, causal=True, attn_backend=attn_backend)
+                 attn_backend: str = "auto", drop_path: float = 0.0):
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, drop_path=drop_path, causal=True,
+                         attn_backend=attn_backend)
         self.attn = CachedAttention(dim, num_heads, qkv_bias, attn_backend)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), cache, layer)))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), cache, layer, bias)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -118,6 +149,8 @@ class CausalViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     attn_backend: str = "auto"  # full forward and prefill; decoding always uses decode_attention
+    drop_path_rate: float = 0.0  # stochastic depth, linearly up to this rate at the last block (timm)
+    prefix_patches: int = 0  # AIM prefix attention: the first K patches see each other both ways
 
 
 class CausalViT(nn.Module):
@@ -130,19 +163,40 @@ class CausalViT(nn.Module):
         self.cfg = cfg
         self.grid = cfg.img_size // cfg.patch_size
         self.num_patches = self.grid * self.grid
+        if not 0 <= cfg.prefix_patches < self.num_patches:
+            raise ValueError(f"CausalViT: prefix_patches={cfg.prefix_patches} (task.prefix_patches) must be in "
+                             f"[0, {self.num_patches - 1}]: the image has {self.num_patches} patches and at least one "
+                             "must be predicted")
+        self.prefix_patches = cfg.prefix_patches
+        self.grad_checkpointing = False
         self.patch_dim = cfg.in_chans * cfg.patch_size * cfg.patch_size
         # A linear map of the flattened patch: the same as timm's strided conv, and it embeds a
         # single generated patch without an image around it.
         self.patch_embed = nn.Linear(self.patch_dim, cfg.embed_dim)
         self.start_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, cfg.embed_dim))
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         self.blocks = nn.ModuleList(CausalBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
-                                                cfg.attn_backend) for _ in range(cfg.depth))
+                                                cfg.attn_backend, rates[i]) for i in range(cfg.depth))
         self.norm = LayerNorm(cfg.embed_dim)
         self.head = nn.Linear(cfg.embed_dim, self.patch_dim)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.start_token, std=0.02)
         self.apply(_init_weights)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (torch.utils.checkpoint, non-reentrant)."""
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "start_token"}
+
+    def flops_per_image(self) -> float:
+        """Forward multiply-adds x 2 of the linear layers and attention (causal: half the scores)."""
+        cfg, n = self.cfg, self.num_patches
+        d = cfg.embed_dim
+        per_block = 2 * n * (4 * d * d + 2 * d * int(d * cfg.mlp_ratio)) + 2 * n * n * d  # qkv+proj, mlp, qk+pv / 2
+        return float(cfg.depth * per_block + 2 * n * self.patch_dim * d * 2)
 
     # -------------------------------------------------------------- pixels <-> patches
 
@@ -164,16 +218,33 @@ class CausalViT(nn.Module):
     # -------------------------------------------------------------- full causal forward
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Predicted pixels of every patch given the patches before it: (B, N, patch_dim)."""
+        """Predicted pixels of every patch given the patches before it: (B, N, patch_dim).
+
+        With prefix_patches = K, predictions 0 .. K-1 see the prefix both ways (not a prediction:
+        the loss skips them); predictions K .. N-1 see only earlier patches.
+        """
         patches = self.patchify(images)
         B = patches.shape[0]
         tokens = torch.cat([self.start_token.expand(B, -1, -1), self.patch_embed(patches[:, :-1])], dim=1)
-        return self.forward_tokens(tokens + self.pos_embed)
+        bias = None
+        if self.prefix_patches:
+            bias = prefix_bias(torch.full((1,), self.prefix_patches + 1, device=tokens.device), self.num_patches,
+                               self.num_patches, tokens.dtype)
+        return self.forward_tokens(tokens + self.pos_embed, bias=bias)
 
-    def forward_tokens(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Run the blocks and head on position-embedded tokens; with a cache, after its tokens."""
+    def forward_tokens(self, x: torch.Tensor, cache: KVCache | None = None,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the blocks and head on position-embedded tokens; with a cache, after its tokens.
+
+        bias: the prefix-causal mask (prefix_bias) instead of the causal one; with a cache, the
+        cache must be empty (a prefill from token 0).
+        """
+        remat = self.grad_checkpointing and cache is None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            if remat:
+                x = checkpoint(block, x, None, i, bias, use_reentrant=False)
+            else:
+                x = block(x, cache, i, bias)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.head(self.norm(x))
@@ -184,12 +255,12 @@ class CausalViT(nn.Module):
 
     # -------------------------------------------------------------- incremental decoding
 
-    def new_cache(self, batch: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None, device=None, backend: str = "auto") -> KVCache:
         """A cache with room for a whole image (num_patches tokens)."""
         ref = self.pos_embed
         cfg = self.cfg
         return KVCache(cfg.depth, batch, cfg.num_heads, self.num_patches, cfg.embed_dim // cfg.num_heads,
-                       dtype or ref.dtype, device or ref.device)
+                       dtype or ref.dtype, device or ref.device, backend)
 
     def step(self, patches: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Feed the next tokens and return their predictions (B, n, patch_dim).
@@ -239,6 +310,16 @@ class CausalViT(nn.Module):
         return self.unpatchify(torch.stack(out, dim=1))
 
 
+def prefix_bias(prefix_tokens: torch.Tensor, queries: int, keys: int, dtype=torch.float32) -> torch.Tensor:
+    """Additive mask (B, 1, queries, keys), queries at positions 0 .. queries-1: query i sees key j
+    when j <= i (causal) or j < prefix_tokens[b] (the bidirectional prefix); -inf elsewhere."""
+    dev = prefix_tokens.device
+    i = torch.arange(queries, device=dev)[:, None]
+    j = torch.arange(keys, device=dev)[None, :]
+    visible = (j <= i)[None] | (j[None] < prefix_tokens.reshape(-1, 1, 1))
+    return torch.zeros(visible.shape, dtype=dtype, device=dev).masked_fill(~visible, float("-inf"))[:, None]
+
+
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
@@ -255,14 +336,22 @@ def _build(name: str, defaults: dict, overrides: dict) -> CausalViT:
     return CausalViT(CausalViTConfig(**{**defaults, **overrides}))
 
 
-@register_model
+AUTOREGRESSIVE_MODELS: set[str] = set()  # names trained with task.kind=autoregressive (config_checks.py)
+
+
+def _register_causal(fn):
+    AUTOREGRESSIVE_MODELS.add(fn.__name__)
+    return register_model(fn)
+
+
+@_register_causal
 def vit_causal_digits(**overrides) -> CausalViT:
     """Tiny: 8x8 one-channel digits, 2x2 patches (16 tokens), 4 blocks of width 64."""
     return _build("vit_causal_digits", dict(img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=4,
                                             num_heads=4), overrides)
 
 
-@register_model
+@_register_causal
 def vit_causal_base_patch16_224(**overrides) -> CausalViT:
     """ViT-Base geometry (12 x 768, 12 heads), 224 px, 196 patch tokens."""
     return _build("vit_causal_base_patch16_224", {}, overrides)

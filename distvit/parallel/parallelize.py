@@ -129,7 +129,7 @@ def parallelize_sequence(model: nn.Module, mesh_or_group=None, impl: str = "ulys
         blk.attn.attend = SequenceParallelAttend(blk.attn, plan, model)
         for name in ("drop_path1", "drop_path2"):
             if isinstance(getattr(blk, name), DropPath):
-                setattr(blk, name, _GroupSharedDropPath(getattr(blk, name).drop_prob, plan))
+                setattr(blk, name, GroupSharedDropPath(getattr(blk, name).drop_prob, plan))
     if isinstance(model.head_drop, nn.Dropout) and model.head_drop.p > 0:
         model.head_drop = _GroupSharedDropout(model.head_drop.p, plan)
     _register_grad_sync(model, plan)
@@ -336,7 +336,7 @@ def _shared_mask(shape, keep: float, like: torch.Tensor, plan: SequenceParallelP
     return mask
 
 
-class _GroupSharedDropPath(nn.Module):
+class GroupSharedDropPath(nn.Module):
     """DropPath whose per-sample mask is drawn on sp rank 0 and shared by the group."""
 
     def __init__(self, drop_prob: float, plan: SequenceParallelPlan):

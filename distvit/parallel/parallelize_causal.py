@@ -33,8 +33,10 @@ import torch.distributed as dist
 
 from distvit.parallel.sequence_parallel import gather_tokens, group_size, local_positions
 from distvit.models.causal_vit import CachedAttention, CausalViT
+from distvit.models.layers import DropPath
 from distvit.parallel.parallelize import (
-    GRAD_SYNCS, SequenceParallelPlan, SequenceParallelAttend, SumReplicated, broadcast_parameters,
+    GRAD_SYNCS, GroupSharedDropPath, SequenceParallelAttend, SequenceParallelPlan, SumReplicated,
+    broadcast_parameters,
 )
 
 IMPLS = {"ring": "zigzag", "ulysses": "contiguous"}
@@ -75,6 +77,9 @@ def parallelize_causal(model: CausalViT, mesh_or_group=None, impl: str = "ring",
             raise TypeError(f"parallelize_causal: a block's attention is a {type(blk.attn).__name__}; it must be "
                             "causal_vit.CachedAttention (causal), whose `attend` sequence parallelism replaces")
         blk.attn.attend = SequenceParallelAttend(blk.attn, plan, model)
+        for name in ("drop_path1", "drop_path2"):  # one mask per image for the whole group, drawn on sp rank 0
+            if isinstance(getattr(blk, name), DropPath):
+                setattr(blk, name, GroupSharedDropPath(getattr(blk, name).drop_prob, plan))
     if grad_sync == "allreduce":
         for p in model.parameters():
             if p.requires_grad:
