@@ -39,7 +39,7 @@ def reference_run(cfg, steps: int, dp_size: int):
     from distvit.engine.optim import param_groups
     from distvit.engine.schedule import build_scheduler
     from distvit.engine.tasks import NextPatch
-    from distvit.engine.trainer import build_model, seed_all
+    from distvit.engine.build import build_model, seed_all
 
     seed_all(cfg.run.seed)
     model = build_model(cfg)
@@ -162,7 +162,7 @@ def test_task_misfits_are_one_line(sets, message):
 
 
 def test_prefix_beyond_the_image_is_one_line(digits_dir):
-    from distvit.engine.trainer import build_model
+    from distvit.engine.build import build_model
 
     cfg = load_config("aim_digits", ["task.prefix_patches=16", f"data.train={digits_dir}/train-*.tar"])
     with pytest.raises(ConfigError, match=r"^CausalViT: prefix_patches=16 \(task.prefix_patches\) must be in \[0, 15\]"):
@@ -171,7 +171,7 @@ def test_prefix_beyond_the_image_is_one_line(digits_dir):
 
 def test_causal_model_named_on_the_demo_config_builds(digits_dir):
     # What a user tries first: the classifier demo with the causal model and the task switched.
-    from distvit.engine.trainer import build_model
+    from distvit.engine.build import build_model
     from distvit.models.causal_vit import CausalViT
 
     cfg = load_config("demo_digits", ["model.name=vit_causal_digits", "task.kind=autoregressive",
