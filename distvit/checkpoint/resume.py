@@ -172,10 +172,14 @@ def clear_stale(trainer, tag_dir: Path, log) -> None:
     process (a damaged checkpoint the resume passed over): rank 0 removes it, all ranks wait."""
     import shutil
 
-    if tag_dir.exists() and tag_dir != trainer.resume_from and tag_dir not in trainer.checkpoints.saved_tags:
+    from distvit.parallel import comm
+    from distvit.parallel import mesh as ddist
+
+    stale = tag_dir.exists() and tag_dir != trainer.resume_from and tag_dir not in trainer.checkpoints.saved_tags
+    # Every rank decides before rank 0 deletes: a rank that looked after the removal would skip the
+    # barrier below and the two would wait on different collectives (seen as a hang).
+    if comm.all_reduce(torch.tensor([float(stale)]), "max").item():
         if trainer.is_main:
             log(f"replacing {tag_dir}: it was not written by this run (a checkpoint the resume passed over)")
             shutil.rmtree(tag_dir, ignore_errors=True)
-        from distvit.parallel import mesh as ddist
-
         ddist.barrier()
