@@ -139,7 +139,8 @@ def test_base_geometry_decodes_like_its_full_forward():
 
 
 def test_base_model_size():
-    n = sum(p.numel() for p in vit_causal_base_patch16_224().parameters())
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        n = sum(p.numel() for p in vit_causal_base_patch16_224().parameters())
     d, hidden = 768, 3072
     block = (d * 3 * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d) + 4 * d
     embed_and_head = 2 * (d * d + d)  # 16 x 16 x 3 = 768 pixels per patch, in and out

@@ -14,18 +14,16 @@ import json
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from distvit.checkpoint import io as ckio
 from distvit.checkpoint.cli import main as ckpt_main
 from distvit.config import load_config
 from ops.harness import train_args
-from trainer_helpers import launch, load_weights, losses, summary
+from trainer_helpers import launch, load_weights, losses, reference_run, summary
 
 STEPS = 6
 
@@ -173,46 +171,20 @@ def universal_tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def adamw_reference(cfg, weights: dict, universal_dir: Path, step: int, epoch: int, dp_size: int, n_steps: int):
-    """Steps step+1 .. step+n_steps in plain torch from whole tensors: the weights, Adam's moments and
-    step count from the universal checkpoint, the lr schedule advanced `step` times, and the rest of
-    `epoch` as the reshaped checkpoint carries it (data/remap.py), every rank's batch concatenated."""
-    from distvit.data import build_train_loader
-    from distvit.engine.optim import param_groups
-    from distvit.engine.schedule import build_scheduler
-    from distvit.engine.build import build_model
+    """Steps step+1 .. step+n_steps of trainer_helpers.reference_run from whole tensors: the weights, Adam's
+    moments and step count from the universal checkpoint, the lr schedule advanced `step` times, and the
+    rest of `epoch` as the reshaped checkpoint carries it (data/remap.py), every rank's."""
 
-    model = build_model(cfg)
-    model.load_state_dict(weights)
-    o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, foreach=False)
-    sched = build_scheduler(opt, total_steps=cfg.run.max_steps, warmup_steps=cfg.schedule.warmup_steps,
-                            kind=cfg.schedule.kind, peak_lr=o.lr, min_lr=cfg.schedule.min_lr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": on purpose
-        for _ in range(step):
-            sched.step()
-    for name, p in model.named_parameters():
-        load = lambda key: torch.load(universal_dir / "zero" / name / f"{key}.pt", weights_only=False)  # noqa: E731
-        opt.state[p] = {"step": load("step").float().reshape(()), "exp_avg": load("exp_avg")["param"].clone(),
-                        "exp_avg_sq": load("exp_avg_sq")["param"].clone()}
-    iters = []
-    for r in range(dp_size):
-        loader = build_train_loader(cfg.data, dp_rank=r, dp_size=dp_size, seed=cfg.run.seed)
-        loader.load_state_dict(json.loads((universal_dir / "distvit_common.json").read_text())["data"])
-        assert loader.epoch == epoch and loader.stats()["step_in_epoch"] == 0
-        loader.set_epoch(epoch)
-        iters.append(iter(loader))
-    step_losses = []
-    for _ in range(n_steps):
-        xs, ys = zip(*(next(it) for it in iters))
-        loss = F.cross_entropy(model(torch.cat(xs)), torch.cat(ys), label_smoothing=o.label_smoothing)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step_losses.append(loss.item())
-    return model.state_dict(), step_losses
+    def load_state(model, opt):
+        model.load_state_dict(weights)
+        for name, p in model.named_parameters():
+            load = lambda key: torch.load(universal_dir / "zero" / name / f"{key}.pt", weights_only=False)  # noqa: E731
+            opt.state[p] = {"step": load("step").float().reshape(()), "exp_avg": load("exp_avg")["param"].clone(),
+                            "exp_avg_sq": load("exp_avg_sq")["param"].clone()}
+
+    data_state = json.loads((universal_dir / "distvit_common.json").read_text())["data"]
+    return reference_run(cfg, n_steps, dp_size, total_steps=cfg.run.max_steps, start_step=step, epoch=epoch,
+                         setup=load_state, data_state=data_state)
 
 
 def to_universal(tag_dir: Path, out_root: Path) -> Path:

@@ -1,9 +1,10 @@
-"""DeiT, distilled DeiT and DeiT III: sizes, timm compatibility (weights and logits, both heads), the
-distillation losses against hand-computed values, the teacher, and 2-rank ZeRO-2 distillation runs of the
-digits config against a single-process torch loop, including the per-head evaluation.
+"""DeiT, distilled DeiT and DeiT III beyond the model contract (tests/test_model_contract.py: sizes, timm
+layout and logits, weight round trips, position-embedding resizing, checkpointing, FLOPs, backends): the
+two heads against timm's, DeiT III's original weight names, hooks, the distillation losses against
+hand-computed values, the teacher, and a 2-rank ZeRO-2 distillation run of the digits config against the
+single-process reference loop, including the per-head evaluation.
 
-Logit comparisons with timm: float32, atol 1e-5, rtol 1e-4, as in test_models (same ops, attention kernel
-aside; a wrong token order or head moves logits by O(1)).
+Logit tolerances: tests/model_helpers.py.
 """
 from __future__ import annotations
 
@@ -12,106 +13,38 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from distvit import models
 from distvit.config import ConfigError, load_config
 from distvit.engine.distill import Distiller, build_teacher, distillation_loss, named_logits, separate_heads
 from distvit.models import load_checkpoint
-from test_models import randomize_
-
-TIMM_PARAM_COUNTS = {  # issue 10, plus the plain DeiTs (= ViT sizes)
-    "deit_tiny_patch16_224": 5717416,
-    "deit_small_patch16_224": 22050664,
-    "deit_base_patch16_224": 86567656,
-    "deit_small_distilled_patch16_224": 22436432,
-    "deit_base_distilled_patch16_224": 87338192,
-    "deit3_base_patch16_224": 86585320,
-}
-DEIT_FAMILY = [n for n in models.list_models("deit*") if n != "deit_digits_distilled"]
-DIGITS_ARGS = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
-                   mlp_ratio=2.0)
-LOGIT_TOL = dict(atol=1e-5, rtol=1e-4)
-
-
-def count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def timm_twin(timm, name, **kwargs):
-    if name == "deit_digits_distilled":
-        from timm.models.deit import VisionTransformerDistilled
-
-        return VisionTransformerDistilled(**{**DIGITS_ARGS, **kwargs})
-    return timm.create_model(name, pretrained=False, **kwargs)
-
-
-@pytest.mark.parametrize("name", sorted(TIMM_PARAM_COUNTS))
-def test_param_count_matches_the_issue_table(name):
-    with torch.device("meta"):
-        model = models.create(name)
-    assert count(model) == TIMM_PARAM_COUNTS[name]
-
-
-@pytest.mark.parametrize("name", DEIT_FAMILY)
-def test_param_count_and_layout_match_timm(name, timm_module):
-    with torch.device("meta"):
-        ours = models.create(name)
-        theirs = timm_twin(timm_module, name)
-    assert count(ours) == count(theirs)
-    assert [k for k in ours.state_dict()] == [k for k in theirs.state_dict()]
-    for key in ("input_size", "mean", "std"):
-        assert ours.default_cfg[key] == tuple(theirs.pretrained_cfg[key]), key
+from model_helpers import LOGIT_TOL, randomize_, timm_twin
 
 
 @pytest.mark.parametrize("name,kwargs,img", [
     ("deit_small_distilled_patch16_224", dict(img_size=64, num_classes=7), 64),
-    ("deit3_base_patch16_224", dict(img_size=48, depth=2), 48),
-    ("deit_tiny_patch16_224", dict(img_size=32), 32),
-    ("deit_digits_distilled", dict(drop_path_rate=0.0), 8),  # no drop path: train mode is compared too
+    ("deit_digits_distilled", dict(drop_path_rate=0.0), 8),  # no drop path: train mode is compared
 ])
-def test_timm_state_dict_loads_strict_and_gives_same_logits(timm_module, name, kwargs, img):
+def test_distilled_heads_equal_timms_in_training_and_apart_in_eval(timm_module, name, kwargs, img):
+    """The averaged eval logits are the contract's (test_model_contract); here the two heads: in training with
+    distillation both come back in timm's (cls, dist) order, and separate_heads gives each in eval mode."""
     theirs = randomize_(timm_twin(timm_module, name, **kwargs)).eval()
     ours = models.create(name, **kwargs).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(2, ours.patch_embed.in_chans, img, img, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = theirs(x)
-        torch.testing.assert_close(ours(x), expected, **LOGIT_TOL)
-        torch.testing.assert_close(ours.forward_head(ours.forward_features(x), pre_logits=True),
-                                   theirs.forward_head(theirs.forward_features(x), pre_logits=True), **LOGIT_TOL)
-        if hasattr(ours, "head_dist"):
-            # Training with distillation: both heads separately, in timm's (cls, dist) order.
-            ours.train().set_distilled_training(True)
-            theirs.train().set_distilled_training(True)
-            got, want = ours(x), theirs(x)
-            assert isinstance(got, tuple) and len(got) == 2
-            for a, b in zip(got, want):
-                torch.testing.assert_close(a, b, **LOGIT_TOL)
-            ours.eval()
-            with separate_heads(ours):  # evaluation of each head
-                cls_logits, dist_logits = ours(x)
-            torch.testing.assert_close((cls_logits + dist_logits) / 2, expected, **LOGIT_TOL)
-            assert not ours.separate_heads and torch.is_tensor(ours(x))
-
-
-@pytest.mark.parametrize("name", ["deit3_small_patch16_224", "deit_tiny_distilled_patch16_224"])
-def test_checkpoint_at_another_img_size_matches_timm(timm_module, tmp_path, name):
-    """224 weights into a 96 model: the position embedding (patch-only for DeiT III, two prefix tokens for
-    the distilled DeiT) is resized as timm's checkpoint_filter_fn does; same logits."""
-    from safetensors.torch import save_file
-    from timm.models.vision_transformer import checkpoint_filter_fn as timm_filter
-
-    src = randomize_(timm_module.create_model(name, num_classes=5))
-    path = tmp_path / "w224.safetensors"
-    save_file(src.state_dict(), str(path))
-    theirs = timm_module.create_model(name, num_classes=5, img_size=96).eval()
-    theirs.load_state_dict(timm_filter(src.state_dict(), theirs, adapt_layer_scale=True), strict=True)
-    ours = models.create(name, num_classes=5, img_size=96, checkpoint=str(path)).eval()
-    torch.testing.assert_close(ours.pos_embed, theirs.pos_embed, atol=0, rtol=0)
-    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), theirs(x), **LOGIT_TOL)
+        ours.train().set_distilled_training(True)
+        theirs.train().set_distilled_training(True)
+        got, want = ours(x), theirs(x)
+        assert isinstance(got, tuple) and len(got) == 2
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **LOGIT_TOL)
+        ours.eval()
+        with separate_heads(ours):  # evaluation of each head
+            cls_logits, dist_logits = ours(x)
+        torch.testing.assert_close((cls_logits + dist_logits) / 2, expected, **LOGIT_TOL)
+        assert not ours.separate_heads and torch.is_tensor(ours(x))
 
 
 def test_original_deit3_layer_scale_names_load(tmp_path):
@@ -141,17 +74,6 @@ def test_hooks_and_attributes():
     d3 = models.create("deit3_base_patch16_224", img_size=32, depth=1)
     assert d3.pos_embed.shape == (1, 4, 768) and d3.num_prefix_tokens == 1
     assert torch.equal(d3.blocks[0].ls1.gamma, torch.full((768,), 1e-6))
-
-
-@pytest.mark.parametrize("name,kwargs,img", [
-    ("deit_digits_distilled", {}, 8),
-    ("deit3_small_patch16_224", dict(img_size=64, depth=2), 64),
-])
-def test_flops_per_image_matches_flop_counter(name, kwargs, img):
-    m = models.create(name, attn_backend="math", **kwargs)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        m(torch.randn(3, m.patch_embed.in_chans, img, img))
-    assert counter.get_total_flops() == 3 * m.flops_per_image()
 
 
 # --- the distillation losses ------------------------------------------------------------------------
@@ -268,54 +190,16 @@ def test_distill_config_errors_name_the_key_and_the_fix():
 # --- training through the Trainer -------------------------------------------------------------------
 
 
-def distill_reference_run(cfg, teacher, steps: int, dp_size: int = 2):
-    """Plain torch, one process: AdamW on the global batch, the DeiT loss written out here (not distill.py)."""
-    from distvit.data import build_train_loader
-    from distvit.engine.optim import param_groups
-    from distvit.engine.schedule import build_scheduler
-    from distvit.engine.build import build_model, seed_all
-
-    seed_all(cfg.run.seed)
-    model = build_model(cfg)
-    model.set_distilled_training(True)
-    o, a = cfg.optim, cfg.distill.alpha
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, foreach=False)
-    sched = build_scheduler(opt, total_steps=steps, warmup_steps=cfg.schedule.warmup_steps, kind=cfg.schedule.kind,
-                            peak_lr=o.lr, min_lr=cfg.schedule.min_lr)
-    iters = []
-    for r in range(dp_size):
-        loader = build_train_loader(cfg.data, dp_rank=r, dp_size=dp_size, seed=cfg.run.seed)
-        loader.set_epoch(0)
-        iters.append(iter(loader))
-    step_losses = []
-    for _ in range(steps):
-        xs, ys = zip(*(next(it) for it in iters))
-        # Each rank's loss is a mean over its half of the batch; DeepSpeed averages the two, as this mean does.
-        losses = []
-        for xr, yr in zip(xs, ys):
-            cls_logits, dist_logits = model(xr)
-            with torch.no_grad():
-                teacher_labels = teacher(xr).argmax(-1)
-            losses.append((1 - a) * F.cross_entropy(cls_logits, yr) + a * F.cross_entropy(dist_logits, teacher_labels))
-        loss = sum(losses) / len(losses)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step_losses.append(loss.item())
-    return model, step_losses
-
-
 @pytest.mark.multirank
 def test_hard_distillation_zero2_two_ranks_equal_single_process(tmp_path):
-    """configs/deit_digits_distill.yaml on 2 ranks, ZeRO-2, 5 steps == the torch loop above; the final
+    """configs/deit_digits_distill.yaml on 2 ranks, ZeRO-2, 5 steps == trainer_helpers.reference_run with the
+    teacher (hard distillation on each rank's half of the batch, the two halves' losses averaged); the final
     evaluation of the averaged, class-token and distillation-token heads matches the exported weights'."""
     from safetensors.torch import save_file
 
     from distvit.data import build_val_loader
     from distvit.data.write import write_digits
-    from trainer_helpers import launch, load_weights, losses, summary
+    from trainer_helpers import launch, load_weights, losses, reference_run, summary
 
     steps = 5
     digits = tmp_path / "digits"
@@ -331,9 +215,8 @@ def test_hard_distillation_zero2_two_ranks_equal_single_process(tmp_path):
     proc = launch(["--config", "deit_digits_distill"] + [a for s in sets for a in ("--set", s)])
     assert "distillation: hard from teacher vit_digits" in proc.stdout
     cfg = load_config("deit_digits_distill", sets)
-    ref_model, ref_losses = distill_reference_run(cfg, teacher, steps)
+    ref_state, ref_losses = reference_run(cfg, steps, teacher=teacher)
     got = load_weights(tmp_path / "deit" / "model.safetensors")
-    ref_state = ref_model.state_dict()
     assert set(got) == set(ref_state)
     # Tolerances as in test_trainer (fp32, all-reduced half-batch grads vs one sum, Adam over 5 steps).
     for k, ref in ref_state.items():

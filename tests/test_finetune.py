@@ -3,7 +3,7 @@
 The recipe the README documents for timm weights is `timm.create_model(name, pretrained=True)` then
 `safetensors.torch.save_file(model.state_dict(), path)`; here the same call saves a timm model with
 random weights (no network), and the trunk must reproduce timm's features exactly (atol 1e-5 as in
-test_models.py: only the attention kernel differs).
+tests/model_helpers.py: only the attention kernel differs).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from distvit import models
 from distvit.models import WeightsMismatchError, load_checkpoint
-from test_models import LOGIT_TOL, randomize_
+from model_helpers import LOGIT_TOL, randomize_
 
 
 @pytest.fixture(scope="module")

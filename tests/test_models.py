@@ -1,8 +1,6 @@
-"""The ViT family: sizes, timm compatibility (weights and logits), weight files, hooks.
-
-Logit comparisons with timm run in float32 at atol 1e-5, rtol 1e-4: both sides compute the same
-ops in the same order except the attention kernel (timm's fused SDPA call vs ours), so they
-differ by float32 rounding only (~1e-6 here); a wrong layout or norm placement moves logits by O(1).
+"""The ViT family beyond the model contract (tests/test_model_contract.py: sizes, timm layout and logits,
+weight round trips, checkpointing, drop path, FLOPs, backends): position-embedding resampling, foreign
+and broken weight files, error messages, hooks, and learning the digits.
 """
 from __future__ import annotations
 
@@ -10,105 +8,10 @@ import math
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from distvit import models
 from distvit.models import WeightsMismatchError, load_checkpoint, resample_abs_pos_embed
-
-# The counts timm reports (issue 3). vit_huge_patch14_224's default in timm is the headless
-# ImageNet-21k trunk (num_classes=0), and create() builds what timm builds by default.
-TIMM_PARAM_COUNTS = {
-    "vit_tiny_patch16_224": 5717416,
-    "vit_small_patch16_224": 22050664,
-    "vit_small_patch32_224": 22878952,
-    "vit_base_patch16_224": 86567656,
-    "vit_base_patch32_224": 88224232,
-    "vit_base_patch8_224": 86576872,
-    "vit_base_patch16_384": 86859496,
-    "vit_large_patch16_224": 304326632,
-    "vit_large_patch14_224": 304203752,
-    "vit_huge_patch14_224": 630764800,
-    "vit_giant_patch14_224": 1012611432,
-}
-DIGITS_ARGS = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
-                   mlp_ratio=2.0, global_pool="avg", class_token=False)
-LOGIT_TOL = dict(atol=1e-5, rtol=1e-4)
-
-
-def count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def timm_twin(timm, name, **kwargs):
-    """timm's own model for one of ours: same name and overrides (vit_digits via timm's class)."""
-    if name == "vit_digits":
-        from timm.models.vision_transformer import VisionTransformer
-
-        return VisionTransformer(**{**DIGITS_ARGS, **kwargs})
-    return timm.create_model(name, pretrained=False, **kwargs)
-
-
-def randomize_(model, seed=0):
-    """Random values in every parameter (LayerNorm weights near 1): default inits hide layout errors."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                noise = torch.randn(p.shape, generator=g) * 0.05
-                is_norm_scale = isinstance(module, torch.nn.LayerNorm) and name == "weight"
-                p.copy_(1.0 + noise if is_norm_scale else noise)
-    return model
-
-
-def test_registry_has_the_issue_models_and_digits():
-    names = models.list_models()
-    assert set(TIMM_PARAM_COUNTS) | {"vit_digits"} <= set(names)
-    assert names == sorted(names)
-    assert models.list_models("vit_base_patch16_*") == ["vit_base_patch16_224", "vit_base_patch16_384"]
-
-
-# The ViT family of vit.py (other files register their own models, tested beside them).
-VIT_FAMILY = [n for n in models.list_models() if models.model_entrypoint(n).__module__ == "distvit.models.vit"]
-
-
-@pytest.mark.parametrize("name", sorted(TIMM_PARAM_COUNTS))
-def test_param_count_matches_the_issue_table(name):
-    with torch.device("meta"):  # no memory, no init time: the giant builds in a fraction of a second
-        model = models.create(name)
-    assert count(model) == TIMM_PARAM_COUNTS[name]
-
-
-@pytest.mark.parametrize("name", VIT_FAMILY)
-def test_param_count_and_layout_match_timm(name, timm_module):
-    with torch.device("meta"):
-        ours = models.create(name)
-        theirs = timm_twin(timm_module, name)
-    assert count(ours) == count(theirs)
-    assert ours.num_classes == theirs.num_classes
-    if name != "vit_digits":  # timm has no digits cfg; its twin is built from the class
-        assert ours.default_cfg["input_size"] == tuple(theirs.pretrained_cfg["input_size"])
-        assert ours.default_cfg["mean"] == tuple(theirs.pretrained_cfg["mean"])
-    assert [k for k in ours.state_dict()] == [k for k in theirs.state_dict()]
-
-
-@pytest.mark.parametrize("name,kwargs,img", [
-    ("vit_tiny_patch16_224", {}, 224),
-    ("vit_tiny_patch16_224", dict(global_pool="avg", class_token=False, num_classes=7, img_size=64), 64),
-    ("vit_small_patch32_224", dict(init_values=1e-5, qkv_bias=False, in_chans=2, img_size=96), 96),
-    ("vit_digits", {}, 8),
-])
-def test_timm_state_dict_loads_strict_and_gives_same_logits(timm_module, name, kwargs, img):
-    theirs = randomize_(timm_twin(timm_module, name, **kwargs)).eval()
-    ours = models.create(name, **kwargs).eval()
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    x = torch.randn(2, ours.patch_embed.in_chans, img, img, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = theirs(x)
-        torch.testing.assert_close(ours(x), expected, **LOGIT_TOL)
-        torch.testing.assert_close(ours.forward_head(ours.forward_features(x), pre_logits=True),
-                                   theirs.forward_head(theirs.forward_features(x), pre_logits=True), **LOGIT_TOL)
-        ours.set_attn_backend("math")
-        torch.testing.assert_close(ours(x), expected, **LOGIT_TOL)
+from model_helpers import count
 
 
 def test_resample_matches_timm_including_non_square_grids(timm_module):
@@ -123,49 +26,6 @@ def test_resample_matches_timm_including_non_square_grids(timm_module):
     with pytest.raises(ValueError, match=r"197 position tokens minus 0 prefix token\(s\) = 197 is not a square grid; "
                                          r"pass old_grid=\(h, w\)"):
         resample_abs_pos_embed(posemb, (10, 10), num_prefix_tokens=0)
-
-
-def test_checkpoint_at_another_img_size_matches_timm(timm_module, tmp_path):
-    """224 weights into a 160 model: ours resizes pos_embed as timm's checkpoint_filter_fn does, same logits."""
-    from safetensors.torch import save_file
-    from timm.models.vision_transformer import checkpoint_filter_fn as timm_filter
-
-    src = randomize_(timm_module.create_model("vit_tiny_patch16_224", num_classes=5))
-    path = tmp_path / "tiny224.safetensors"
-    save_file(src.state_dict(), str(path))
-    theirs = timm_module.create_model("vit_tiny_patch16_224", num_classes=5, img_size=160).eval()
-    theirs.load_state_dict(timm_filter(src.state_dict(), theirs), strict=True)
-    ours = models.create("vit_tiny_patch16_224", num_classes=5, img_size=160, checkpoint=str(path)).eval()
-    assert ours.pos_embed.shape == (1, 1 + 10 * 10, 192)
-    torch.testing.assert_close(ours.pos_embed, theirs.pos_embed, atol=0, rtol=0)
-    x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), theirs(x), **LOGIT_TOL)
-
-    # Resizing a built model in place gives the same embedding as resizing on load.
-    same = models.create("vit_tiny_patch16_224", num_classes=5, checkpoint=str(path))
-    same.set_img_size(160)
-    torch.testing.assert_close(same.pos_embed, ours.pos_embed, atol=0, rtol=0)
-    assert same.default_cfg["input_size"] == (3, 160, 160)
-
-
-@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".pth"])
-def test_state_dict_round_trip_through_files(tmp_path, suffix):
-    src = models.create("vit_digits", num_classes=10).eval()
-    path = tmp_path / f"w{suffix}"
-    if suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(src.state_dict(), str(path))
-    else:
-        torch.save(src.state_dict(), path)
-    torch.manual_seed(123)  # a different init, so equality below comes from the file
-    dst = models.create("vit_digits", checkpoint=str(path)).eval()
-    for k, v in src.state_dict().items():
-        assert torch.equal(dst.state_dict()[k], v), k
-    x = torch.randn(4, 1, 8, 8)
-    with torch.no_grad():
-        assert torch.equal(dst(x), src(x))
 
 
 def test_wrapped_and_prefixed_checkpoints_load(tmp_path):
@@ -253,66 +113,6 @@ def test_unknown_model_and_option_errors():
         m(torch.randn(2, 3, 8, 8))
 
 
-def test_none_overrides_keep_defaults():
-    m = models.create("vit_digits", num_classes=None, img_size=None, attn_backend=None)
-    assert m.num_classes == 10 and m.patch_embed.img_size == (8, 8)
-
-
-def test_grad_checkpointing_gives_the_same_grads():
-    """Same seed, drop path active: checkpointing restores the RNG, so loss and every grad match exactly."""
-    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    y = torch.tensor([1, 2, 3, 4])
-    results = []
-    for ckpt in (False, True):
-        torch.manual_seed(0)
-        m = models.create("vit_digits", drop_path_rate=0.3).train()
-        m.set_grad_checkpointing(ckpt)
-        torch.manual_seed(1)
-        loss = torch.nn.functional.cross_entropy(m(x), y)
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
-    (l0, g0), (l1, g1) = results
-    assert torch.equal(l0, l1)
-    assert g0.keys() == g1.keys()
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], atol=0, rtol=0, msg=lambda m: f"grad of {n}: {m}")
-
-
-def test_drop_path_only_in_training():
-    torch.manual_seed(0)
-    m = models.create("vit_digits", drop_path_rate=0.5)
-    x = torch.randn(8, 1, 8, 8)
-    m.eval()
-    with torch.no_grad():
-        assert torch.equal(m(x), m(x))
-        m.train()
-        torch.manual_seed(1)
-        a = m(x)
-        torch.manual_seed(2)
-        assert not torch.allclose(a, m(x))
-
-
-@pytest.mark.parametrize("name,kwargs,img", [
-    ("vit_digits", {}, 8),
-    ("vit_tiny_patch16_224", dict(img_size=64, num_classes=10), 64),
-    ("vit_small_patch32_224", dict(img_size=96, global_pool="avg"), 96),
-])
-def test_flops_per_image_matches_flop_counter(name, kwargs, img):
-    """FlopCounterMode counts every conv/addmm/bmm the forward runs (the math backend's attention is bmm)."""
-    m = models.create(name, attn_backend="math", **kwargs)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        m(torch.randn(3, m.patch_embed.in_chans, img, img))
-    assert counter.get_total_flops() == 3 * m.flops_per_image()
-
-
-def test_flops_per_image_matches_the_published_vit_b16_figure():
-    """ViT-B/16 at 224: 17.6 G multiply-adds (DeiT's table lists DeiT-B, the same network, at "17.6 GFLOPs",
-    counting multiply-adds), so 2 x 17.6 = 35.1 GFLOPs by our 2 x MACs convention."""
-    with torch.device("meta"):
-        m = models.create("vit_base_patch16_224")
-    assert math.isclose(m.flops_per_image() / 2 / 1e9, 17.6, rel_tol=0.005)
-
-
 def test_hooks_and_attributes():
     m = models.create("vit_small_patch16_224", img_size=64, num_classes=3, init_values=1e-5)
     assert (m.embed_dim, m.num_heads, m.num_prefix_tokens, m.patch_embed.num_patches) == (384, 6, 1, 16)
@@ -330,15 +130,6 @@ def test_hooks_and_attributes():
     assert count(m.head) == 0 and m(x).shape == (2, 384)
     d = models.create("vit_digits")
     assert (d.num_prefix_tokens, d.cls_token, d.default_cfg["input_size"]) == (0, None, (1, 8, 8))
-
-
-def test_attention_backends_agree_inside_the_model():
-    m = models.create("vit_digits").eval()
-    x = torch.randn(4, 1, 8, 8)
-    with torch.no_grad():
-        ref = m(x)
-        m.set_attn_backend("math")
-        torch.testing.assert_close(m(x), ref, **LOGIT_TOL)
 
 
 @pytest.mark.slow

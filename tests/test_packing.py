@@ -15,7 +15,7 @@ from distvit import models
 from distvit.attention import attention
 from distvit.attention.packed import segment_pieces
 from distvit.data.packing import pack, patchify
-from test_models import randomize_
+from model_helpers import randomize_
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 SMALL = dict(embed_dim=64, depth=2, num_heads=4, num_classes=7)

@@ -1,10 +1,10 @@
 """The DeiT-style recipe through the real trainer on 2 CPU ranks (torchrun, gloo, DeepSpeed's CPU accelerator).
 
 Every recipe piece at once (RandAugment, random erasing, mixup + cutmix with label smoothing, gradient
-accumulation, layer decay, clip by value, a frozen patch embedding) must equal a single-process torch
-loop that builds the same pieces from the same modules: the same loader batches per rank, the same
-mixup draws (keyed by step, micro-batch and dp rank), the DeepSpeed gradient (mean over ranks of the
-accumulated micro-batch gradients / accum).
+accumulation, layer decay, clip by value, a frozen patch embedding) must equal the single-process torch
+loop trainer_helpers.reference_run, which builds the same pieces from the same modules: the same loader
+batches per rank, the same mixup draws (keyed by step, micro-batch and dp rank), the DeepSpeed gradient
+(mean over ranks of the accumulated micro-batch gradients / accum).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distvit.config import load_config
-from trainer_helpers import launch, load_weights, losses, run_env, summary
+from trainer_helpers import launch, load_weights, losses, reference_run, run_env, summary
 
 STEPS = 4
 RECIPE = [
@@ -36,44 +36,6 @@ def recipe_args(digits_dir, run_root, name, *extra):
     return args
 
 
-def recipe_reference(cfg, steps: int, dp_size: int = 2):
-    from distvit.data import build_train_loader
-    from distvit.data.mixup import build_mixer
-    from distvit.engine.loss import cross_entropy
-    from distvit.engine.optim import build_optimizer, freeze_parameters
-    from distvit.engine.schedule import build_scheduler
-    from distvit.engine.build import build_model, seed_all
-
-    seed_all(cfg.run.seed)
-    model = build_model(cfg)
-    freeze_parameters(model, cfg.model.freeze)
-    opt = build_optimizer(model, cfg, torch.device("cpu"))
-    sched = build_scheduler(opt, total_steps=steps, warmup_steps=cfg.schedule.warmup_steps, kind=cfg.schedule.kind,
-                            peak_lr=cfg.optim.lr, min_lr=cfg.schedule.min_lr)
-    mixer = build_mixer(cfg.data, model.num_classes)
-    iters = []
-    for r in range(dp_size):
-        loader = build_train_loader(cfg.data, dp_rank=r, dp_size=dp_size, seed=cfg.run.seed)
-        loader.set_epoch(0)
-        iters.append(iter(loader))
-    accum = cfg.parallel.grad_accum
-    step_losses = []
-    for step in range(steps):
-        total = 0.0
-        for micro in range(accum):
-            for r in range(dp_size):
-                x, y = next(iters[r])
-                x, t = mixer(x.clone(), y, mixer.draws(cfg.run.seed, step, micro, r)) if mixer else (x, y)
-                loss = cross_entropy(model(x), t, cfg.optim.label_smoothing)
-                (loss / (accum * dp_size)).backward()
-                total += loss.item() / (accum * dp_size)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step_losses.append(total)
-    return model.state_dict(), step_losses
-
-
 @pytest.mark.multirank
 @pytest.mark.parametrize("stage,offload", [
     pytest.param(0, "none", marks=pytest.mark.slow), (2, "none"), (3, "none"), pytest.param(2, "cpu", marks=pytest.mark.slow),
@@ -84,7 +46,7 @@ def test_recipe_equals_single_process_reference(digits_dir, tmp_path, stage, off
     proc = launch(args)
     assert "model.freeze: 2 parameter tensors frozen" in proc.stdout
     cfg = load_config("demo_digits", list(args[3::2]))
-    ref_state, ref_losses = recipe_reference(cfg, STEPS)
+    ref_state, ref_losses = reference_run(cfg, STEPS)
     got = load_weights(tmp_path / name / "model.safetensors")
     assert set(got) == set(ref_state)
     # fp32; the same tolerance argument as test_trainer's ZeRO test: the distributed run sums the

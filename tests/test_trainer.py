@@ -41,8 +41,8 @@ def test_zero_stages_equal_single_process_adamw(digits_dir, tmp_path, stage, off
     ref_state, ref_losses = reference_run(cfg, STEPS)
     got = load_weights(run_dir / "model.safetensors")
     assert set(got) == set(ref_state)
-    # fp32 throughout. The distributed run averages two half-batch gradients (all-reduce) where the
-    # reference takes one mean over the whole batch, and DeepSpeed's clip and (with offload) CPU Adam
+    # fp32 throughout. The distributed run all-reduces the two half-batch gradients where the
+    # reference sums them in one process, and DeepSpeed's clip and (with offload) CPU Adam
     # order their float operations differently: differences start at float32 rounding (~1e-7
     # relative) and Adam's normalised update keeps them at that scale over 5 steps, so 2e-5
     # absolute on weights of size ~0.02-1 is tight enough to catch any wrong step or lr.

@@ -1,4 +1,5 @@
-"""Shared pieces of the trainer tests: launching real runs and reading what they left on disk."""
+"""Shared pieces of the trainer tests: launching real runs, reading what they left on disk, and the one
+single-process reference loop (`reference_run`) every Trainer-equals-torch test compares against."""
 from __future__ import annotations
 
 import csv
@@ -6,10 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,32 +75,89 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def reference_run(cfg, steps: int, dp_size: int = 2):
-    """Plain torch: one process, AdamW, the global batch = every rank's micro-batch concatenated."""
+def reference_run(cfg, steps: int, dp_size: int = 2, *, teacher=None, total_steps: int | None = None,
+                  start_step: int = 0, epoch: int = 0, setup=None, data_state: dict | None = None):
+    """The one plain-torch reference loop the Trainer is compared against: one process, no DeepSpeed.
+
+    Each step takes parallel.grad_accum micro-batches from each of dp_size loaders (the ones the ranks
+    would read) and backpropagates each micro-batch's loss / (accum * dp_size): DeepSpeed's gradient,
+    the mean over ranks of the accumulated micro-batch gradients / accum. The loss is
+    distvit.engine.loss's, the one the Trainer uses: cross_entropy with optim.label_smoothing (soft
+    targets under data.mixup / cutmix, mixed with the draws the Trainer keys by step, micro-batch and
+    dp rank), or distillation_loss against `teacher` (a frozen model) with cfg.distill's kind, alpha
+    and tau. Then clipping (optim.clip_mode: the global norm, or each element), torch AdamW
+    (foreach=False) over the weight-decay or layer-decay groups, the lr schedule.
+
+    total_steps: the schedule's length (default steps); start_step: schedule steps already taken;
+    epoch: the loaders' epoch; setup(model, opt): called before the first step (e.g. to load weights
+    and Adam moments); data_state: a loader state every loader resumes from (e.g. the rest of an epoch
+    a reshaped checkpoint carries, data/remap.py). model.freeze is applied. Returns (state dict, per-step losses).
+    """
     from distvit.data import build_train_loader
-    from distvit.engine.optim import param_groups
+    from distvit.data.mixup import build_mixer
+    from distvit.engine.loss import cross_entropy, distillation_loss
+    from distvit.engine.optim import freeze_parameters, layer_decay_groups, param_groups
     from distvit.engine.schedule import build_scheduler
     from distvit.engine.build import build_model, seed_all
 
+    o = cfg.optim
+    assert o.name == "adamw", f"the reference loop runs AdamW, not optim.name={o.name}"
     seed_all(cfg.run.seed)
     model = build_model(cfg)
-    o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, foreach=False)
-    sched = build_scheduler(opt, total_steps=steps, warmup_steps=cfg.schedule.warmup_steps, kind=cfg.schedule.kind,
-                            peak_lr=o.lr, min_lr=cfg.schedule.min_lr)
+    if cfg.model.freeze:
+        freeze_parameters(model, cfg.model.freeze)
+    if teacher is not None and hasattr(model, "set_distilled_training"):
+        model.set_distilled_training(True)
+    groups = (layer_decay_groups(model, o.weight_decay, o.lr, o.layer_decay) if o.layer_decay is not None
+              else param_groups(model, o.weight_decay))
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=False)
+    sched = build_scheduler(opt, total_steps=total_steps or steps, warmup_steps=cfg.schedule.warmup_steps,
+                            kind=cfg.schedule.kind, peak_lr=o.lr, min_lr=cfg.schedule.min_lr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": on purpose
+        for _ in range(start_step):
+            sched.step()
+    if setup is not None:
+        setup(model, opt)
+    mixer = build_mixer(cfg.data, model.num_classes)
     iters = []
     for r in range(dp_size):
         loader = build_train_loader(cfg.data, dp_rank=r, dp_size=dp_size, seed=cfg.run.seed)
-        loader.set_epoch(0)
+        if data_state is not None:
+            loader.load_state_dict(data_state)
+            assert loader.epoch == epoch and loader.stats()["step_in_epoch"] == 0
+        loader.set_epoch(epoch)
         iters.append(iter(loader))
+    accum = cfg.parallel.grad_accum
+    params = [p for p in model.parameters() if p.requires_grad]
     step_losses = []
-    for _ in range(steps):
-        xs, ys = zip(*(next(it) for it in iters))
-        loss = F.cross_entropy(model(torch.cat(xs)), torch.cat(ys))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+    for step in range(start_step, start_step + steps):
+        total = 0.0
+        for micro in range(accum):
+            for r in range(dp_size):
+                x, y = next(iters[r])
+                if mixer is not None:
+                    x, y = mixer(x.clone(), y, mixer.draws(cfg.run.seed, step, micro, r))
+                out = model(x)
+                if teacher is None:
+                    loss = cross_entropy(out, y, o.label_smoothing)
+                else:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)
+                    cls_logits, dist_logits = out if isinstance(out, tuple) else (out, out)
+                    loss = distillation_loss(cls_logits, dist_logits, teacher_logits, y, kind=cfg.distill.kind,
+                                             alpha=cfg.distill.alpha, tau=cfg.distill.tau,
+                                             label_smoothing=o.label_smoothing)
+                (loss / (accum * dp_size)).backward()
+                total += loss.item() / (accum * dp_size)
+        if o.grad_clip is not None and o.clip_mode == "value":
+            for p in params:
+                if p.grad is not None:
+                    p.grad.clamp_(-o.grad_clip, o.grad_clip)
+        elif o.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        step_losses.append(loss.item())
+        step_losses.append(total)
     return model.state_dict(), step_losses

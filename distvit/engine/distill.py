@@ -24,28 +24,12 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from distvit import models
 from distvit.config import Config, ConfigError
+from distvit.engine.loss import distillation_loss  # the pure loss; tests import it from here too
 
 HEAD_SUFFIXES = ("", "_cls", "_dist")  # averaged (the model's prediction), class token, distillation token
-
-
-def distillation_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      labels: torch.Tensor, *, kind: str, alpha: float, tau: float,
-                      label_smoothing: float = 0.0) -> torch.Tensor:
-    """The DeiT objective (module docstring); all logits (batch, classes), computed in float32."""
-    base = F.cross_entropy(cls_logits.float(), labels, label_smoothing=label_smoothing)
-    if kind == "hard":
-        term = F.cross_entropy(dist_logits.float(), teacher_logits.argmax(dim=-1))
-    elif kind == "soft":
-        log_p_student = F.log_softmax(dist_logits.float() / tau, dim=-1)
-        log_p_teacher = F.log_softmax(teacher_logits.float() / tau, dim=-1)
-        term = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * tau * tau
-    else:
-        raise ValueError(f"distillation_loss: kind={kind!r}; choose 'hard' or 'soft'")
-    return (1.0 - alpha) * base + alpha * term
 
 
 def split_heads(output) -> tuple[torch.Tensor, torch.Tensor]:

@@ -175,7 +175,7 @@ class CausalViT(nn.Module):
         self.patch_embed = nn.Linear(self.patch_dim, cfg.embed_dim)
         self.start_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, cfg.embed_dim))
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # plain floats, also under a meta-device build
         self.blocks = nn.ModuleList(CausalBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
                                                 cfg.attn_backend, rates[i]) for i in range(cfg.depth))
         self.norm = LayerNorm(cfg.embed_dim)
