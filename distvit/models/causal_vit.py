@@ -196,7 +196,8 @@ class CausalViT(nn.Module):
         cfg, n = self.cfg, self.num_patches
         d = cfg.embed_dim
         per_block = 2 * n * (4 * d * d + 2 * d * int(d * cfg.mlp_ratio)) + 2 * n * n * d  # qkv+proj, mlp, qk+pv / 2
-        return float(cfg.depth * per_block + 2 * n * self.patch_dim * d * 2)
+        embed_and_head = 2 * (n - 1) * self.patch_dim * d + 2 * n * d * self.patch_dim  # the start token is learned
+        return float(cfg.depth * per_block + embed_and_head)
 
     # -------------------------------------------------------------- pixels <-> patches
 
