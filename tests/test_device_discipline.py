@@ -140,7 +140,7 @@ def _trainer_paths(rank: int, world: int, device: torch.device) -> dict:
     engine.module = net
     engine.forward = net.forward  # what DeepSpeed's engine does: call the module
     stand_in = SimpleNamespace(val_loader=[(x, y, valid)], engine=engine, input_dtype=torch.float32,
-                               device=device, mesh=SimpleNamespace(dp_group=None))
+                               device=device, mesh=SimpleNamespace(dp_group=None), task=None)  # classification
     out["eval"] = Trainer.evaluate(stand_in)
 
     # 2. the fused step read: loss, NaN check, preemption flag, bad samples
