@@ -137,3 +137,97 @@ def test_predict_prints_top_k_names_with_the_runs_preprocessing(run_dir, digits_
         assert line == f"{path}: " + ", ".join(f"{manifest['classes'][c]} ({q:.3f})" for q, c in zip(v.tolist(), i.tolist()))
     assert predict_main(["--checkpoint", str(run_dir), str(tmp_path / "missing.png")]) == 2
     assert "cannot be read" in capsys.readouterr().err
+
+
+# --- class names that are not indices (issue 20): a tiny imagefolder dataset with class folders cat/ and dog/
+
+PETS = ("cat", "dog")
+
+
+def write_pets(src, out, n_train: int = 16, n_val: int = 10):
+    """1-channel PNGs in src/{train,val}/{cat,dog}/, written as shards (dataset.json: classes cat, dog) by the
+    writer behind `distvit data write imagefolder`. Sides are even, 4..12 px, in many aspect ratios; a cat is
+    bright on the left, a dog on the right. Returns the val image paths, class by class."""
+    from PIL import Image
+
+    from distvit.data.write import write_imagefolder
+
+    rng = np.random.default_rng(0)
+    val = []
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, name in enumerate(PETS):
+            (src / split / name).mkdir(parents=True)
+            for i in range(n):
+                h, w = 4 + 2 * ((3 * i + c) % 5), 4 + 2 * ((2 * i + 3 * c) % 5)
+                x = rng.integers(0, 90, (h, w))
+                x[:, : w // 2] += 160 if name == "cat" else 0
+                x[:, w // 2:] += 160 if name == "dog" else 0
+                path = src / split / name / f"{i:03d}.png"
+                Image.fromarray(x.astype(np.uint8), "L").save(path)
+                if split == "val":
+                    val.append(path)
+    write_imagefolder(src, out)
+    return val
+
+
+@pytest.fixture(scope="module")
+def pets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pets")
+    return root / "shards", write_pets(root / "src", root / "shards")
+
+
+def _square_run(out, shards, num_classes: int, **sets):
+    """A run folder (config.yaml + model.safetensors) of an untrained vit_digits with `num_classes` outputs on `shards`."""
+    from distvit.checkpoint.consolidate import save_safetensors
+
+    cfg = load_config("configs/demo_digits.yaml", [f"data.train={shards}/train-*.tar", f"data.val={shards}/val-*.tar",
+                                                   f"model.num_classes={num_classes}", *[f"{k}={v}" for k, v in sets.items()]])
+    torch.manual_seed(num_classes)
+    model = models.create("vit_digits", num_classes=num_classes, img_size=8, in_chans=1)
+    out.mkdir(parents=True)
+    save_config(cfg, out / "config.yaml")
+    save_safetensors(model.state_dict(), out / "model.safetensors", {"format": "pt", "model": "vit_digits"})
+    return out
+
+
+def _predicted_indices(run_dir, paths, k):
+    from PIL import Image
+
+    run = load_run(str(run_dir), "cpu")
+    with torch.no_grad():
+        logits = run.logits(run.preprocess([Image.open(p) for p in paths]))
+    return logits.softmax(-1).topk(k, -1).indices.tolist()
+
+
+def test_predict_and_eval_name_non_numeric_classes_from_the_manifest(pets, tmp_path, capsys):
+    shards, val = pets
+    run_dir = _square_run(tmp_path / "pets_run", shards, 2)
+    paths = [str(p) for p in val[::3]]
+    assert predict_main(["--checkpoint", str(run_dir), "--top-k", "2", "--device", "cpu", *paths]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(paths)
+    for line, path, top in zip(lines, paths, _predicted_indices(run_dir, paths, 2)):
+        names = [part.split(" (")[0] for part in line[len(f"{path}: "):].split(", ")]
+        assert names == [PETS[i] for i in top], line  # index i printed as the manifest's i-th class name
+    result = evaluate(load_run(str(run_dir), "cpu"))
+    assert result["classes"] == list(PETS) and set(result["per_class"]) == set(PETS)
+    assert result["count"] == len(val) == sum(c["count"] for c in result["per_class"].values())
+
+
+def test_predict_falls_back_to_indices_when_names_are_missing_or_do_not_fit(pets, tmp_path, capsys):
+    shards, val = pets
+    paths = [str(p) for p in val[:4]]
+    # The dataset moved: the run's config names shards that are gone, so there is no manifest to name from.
+    moved = _square_run(tmp_path / "moved", tmp_path / "gone", 2)
+    assert predict_main(["--checkpoint", str(moved), "--top-k", "2", "--device", "cpu", *paths]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    for line, path, top in zip(out, paths, _predicted_indices(moved, paths, 2)):
+        assert [part.split(" (")[0] for part in line[len(f"{path}: "):].split(", ")] == [str(i) for i in top]
+    # A manifest with 2 names for a 3-class head: the names cannot be the head's, indices instead.
+    three = _square_run(tmp_path / "three", shards, 3)
+    assert load_run(str(three), "cpu").classes == ["0", "1", "2"]
+    assert predict_main(["--checkpoint", str(three), "--top-k", "3", "--device", "cpu", paths[0]]) == 0
+    names = [part.split(" (")[0] for part in capsys.readouterr().out.strip()[len(f"{paths[0]}: "):].split(", ")]
+    assert sorted(names) == ["0", "1", "2"]
+    # eval of the moved run on shards given with --data names the classes from those shards' manifest.
+    assert evaluate(load_run(str(moved), "cpu", data=f"{shards}/val-*.tar"), f"{shards}/val-*.tar")["classes"] == list(PETS)
