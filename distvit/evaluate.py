@@ -3,9 +3,11 @@
     distvit eval --checkpoint runs/demo_digits --data 'data/digits/val-*.tar'
 
 Reads the run's config for the model and its preprocessing (distvit/inference.py), streams the shards
-once through the same val loader the trainer uses (every sample once), and writes
+once through the same val loader the trainer uses (every sample once; a run trained with
+data.packing is evaluated as its trainer did: every image at its native size, packed), and writes
 `<out>/eval.json` (the numbers and the matrix) and `<out>/confusion.png` (rows: true class,
-columns: predicted, shade: share of the row); out defaults to `<run folder>/eval`.
+columns: predicted, shade: share of the row); out defaults to `<run folder>/eval` (for a checkpoint
+folder `checkpoints/step_N`: `<run folder>/eval/step_N`).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from distvit.inference import LoadedRun, load_run
 @torch.no_grad()
 def evaluate(run: LoadedRun, data: str | None = None, batch_size: int | None = None, num_workers: int = 0) -> dict:
     from distvit.data import build_val_loader
+    from distvit.engine.packed_train import patch_size
 
     pattern = data or run.cfg.data.val
     if not pattern:
@@ -31,8 +34,10 @@ def evaluate(run: LoadedRun, data: str | None = None, batch_size: int | None = N
     n = len(run.classes)
     confusion = torch.zeros(n, n, dtype=torch.long)
     top5 = 0
-    for images, labels, valid in build_val_loader(dcfg, dp_rank=0, dp_size=1):
-        logits = run.logits(images.float()).cpu()
+    # data.packing: the packed val loader (native sizes) needs the model's patch size; its batches are PackedBatch
+    loader = build_val_loader(dcfg, dp_rank=0, dp_size=1, patch_size=patch_size(run.model) if dcfg.packing else None)
+    for images, labels, valid in loader:
+        logits = run.logits(images.to(run.device, dtype=torch.float32)).cpu()  # a tensor or a PackedBatch
         labels, logits = labels[valid], logits[valid]  # padding samples (valid=False) are not counted
         confusion.index_put_((labels, logits.argmax(-1)), torch.ones_like(labels), accumulate=True)
         top5 += int((logits.topk(min(5, n), -1).indices == labels[:, None]).any(-1).sum())
@@ -80,6 +85,17 @@ def report_lines(result: dict) -> list[str]:
     return lines
 
 
+def default_out(src: Path) -> Path:
+    """<run>/eval for a run folder or a weights file beside its config; <run>/eval/step_NNNNNNNN for a checkpoint
+    folder (<run>/checkpoints/step_NNNNNNNN), so that it neither lands among the checkpoints nor overwrites the
+    run's own eval."""
+    from distvit.checkpoint import io as ckio
+
+    if src.is_dir() and (src / ckio.META).is_file():
+        return src.parent.parent / "eval" / src.name
+    return (src if src.is_dir() and (src / "config.yaml").is_file() else src.parent) / "eval"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="distvit eval", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, metavar="RUN_OR_FILE",
@@ -96,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # ConfigError, DataError, WeightsMismatchError
         print(f"distvit: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    src = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (src if src.is_dir() and (src / "config.yaml").is_file() else src.parent) / "eval"
+    out = Path(args.out) if args.out else default_out(Path(args.checkpoint))
     png = confusion_png(result["confusion"], result["classes"], out / "confusion.png")
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1))

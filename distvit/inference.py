@@ -10,6 +10,9 @@ What `--checkpoint` may name:
   metadata), or any weights file with the run's `config.yaml` beside it.
 The preprocessing is the run's own eval transform (data.img_size, in_chans, eval_crop_pct,
 interpolation) and normalisation (data.mean/std, else the dataset manifest's), as the trainer's val loader.
+A run trained with data.packing (native resolution) is fed as its packed val loader feeds it: each image
+resized to its native-resolution target size (aspect ratio kept, sides bounded by data.packing.min_side /
+max_side, patch multiples; no crop), the images packed into one PackedBatch (`run.logits` takes either).
 """
 from __future__ import annotations
 
@@ -37,21 +40,52 @@ class LoadedRun:
     manifest: dict | None
     device: torch.device
 
-    def preprocess(self, images) -> torch.Tensor:
-        """PIL images -> the normalised batch the model was validated on."""
+    def preprocess(self, images):
+        """PIL images -> the normalised batch the model was validated on: a (B, C, H, W) tensor, or a
+        distvit.data.packing.PackedBatch (images in input order) for a data.packing run."""
         from distvit.data.loader import resolve_stats
         from distvit.data.device import DeviceNormalize, to_uint8_batch
         from distvit.data.transforms import EvalTransform
 
         d = self.cfg.data
+        if d.packing is not None:
+            return self._preprocess_packed(images)
         transform = EvalTransform(d.img_size, d.in_chans, d.eval_crop_pct, d.interpolation)
         mean, std = resolve_stats(d, self.manifest)
         mode = "L" if d.in_chans == 1 else "RGB"
         batch = to_uint8_batch([transform(img.convert(mode)) for img in images])
         return DeviceNormalize(mean, std)(batch, self.device)  # as the val loader: uint8 -> device, then normalise
 
+    def _preprocess_packed(self, images):
+        """As distvit/data/packed_loader.py's val path: decode to the run's channels, resize to
+        target_size(native) with the run's interpolation (PIL), uint8 patches, packed, normalised."""
+        import numpy as np
+
+        from distvit.data.loader import resolve_stats
+        from distvit.data.packed_loader import PackedNormalize, _patch
+        from distvit.data.packing import pack, target_size
+        from distvit.data.transforms import RESAMPLE
+        from distvit.engine.packed_train import patch_size
+
+        d, pk = self.cfg.data, self.cfg.data.packing
+        p = _patch(patch_size(self.model))
+        mode = "L" if d.in_chans == 1 else "RGB"
+        tensors = []
+        for img in images:
+            img = img.convert(mode)
+            h, w = target_size(img.height, img.width, p, pk.min_side, pk.max_side, "native")
+            if img.size != (w, h):
+                img = img.resize((w, h), RESAMPLE[d.interpolation])
+            arr = np.asarray(img, dtype=np.uint8)
+            tensors.append(torch.from_numpy(arr.copy()).reshape(h, w, -1).permute(2, 0, 1).contiguous())
+        # Every image whole in a row: max_tokens as trained, or the largest image's patches if more.
+        tokens = max(t.shape[1] // p * (t.shape[2] // p) for t in tensors)
+        packed = pack(tensors, p, max(pk.max_tokens, tokens))
+        return PackedNormalize(*resolve_stats(d, self.manifest), p)(packed, self.device)
+
     @torch.no_grad()
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+    def logits(self, batch) -> torch.Tensor:
+        """Logits (B, classes) of a preprocessed batch: a tensor or a PackedBatch (input order)."""
         from distvit.engine.distill import named_logits
 
         if self.cfg.task.kind != "classify":
