@@ -12,7 +12,8 @@
 Tolerance (float32): logits agree to ~1e-6 (the packed row's block-diagonal attention sums in another
 order than one image alone), so losses are compared with rtol 1e-5, atol 1e-6; top-1/top-5 counts
 exactly, except that an image whose top-2 (top-5/6) logit margin is under 1e-4 may be counted either
-way (none was in the runs here; the allowance keeps a near-tie from making the test flaky).
+way (one of the 360 digits in the eval test, when written; the allowance keeps a near-tie from
+making the test flaky).
 """
 from __future__ import annotations
 
@@ -68,18 +69,19 @@ def packed_run(tmp_path_factory, digits_dir):
 
 
 def _per_image(model, images, labels, k: int = 5) -> dict:
-    """Each image alone through `model` (a dynamic-size ViT): loss sum, top-1/top-k hits, near-ties."""
-    loss, top1, topk, ties = 0.0, 0, 0, 0
+    """Each image alone through `model` (a dynamic-size ViT): mean loss, top-1/top-k hits, near-ties, top-1 classes."""
+    loss, top1, topk, ties, preds = 0.0, 0, 0, 0, []
     with torch.no_grad():
         for x, y in zip(images, labels):
             logits = model(x[None])[0]
             loss += float(F.cross_entropy(logits[None], torch.tensor([y])))
             order = logits.sort(descending=True)
+            preds.append(int(order.indices[0]))
             top1 += int(order.indices[0] == y)
             topk += int(y in order.indices[:k].tolist())
             v = order.values
-            ties += int(v[0] - v[1] < MARGIN) + int(len(v) > k and v[k - 1] - v[k] < MARGIN)
-    return {"count": len(labels), "loss": loss / len(labels), "top1": top1, "topk": topk, "ties": ties}
+            ties += int(v[0] - v[1] < MARGIN) + int(1 < k < len(v) and v[k - 1] - v[k] < MARGIN)
+    return {"count": len(labels), "loss": loss / len(labels), "top1": top1, "topk": topk, "ties": ties, "preds": preds}
 
 
 def _dynamic(run_dir, num_classes):
@@ -113,6 +115,9 @@ def test_eval_on_a_packed_run_equals_each_image_alone(packed_run, digits_dir, ca
     out = capsys.readouterr().out
     result = json.loads((packed_run / "eval" / "eval.json").read_text())
     assert result["count"] == ref["count"] == 360  # every val image once
+    confusion = np.zeros((10, 10), dtype=int)
+    np.add.at(confusion, (labels, ref["preds"]), 1)
+    assert np.abs(np.array(result["confusion"]) - confusion).sum() <= 2 * ref["ties"]
     assert abs(result["top1"] * 360 / 100 - ref["top1"]) <= ref["ties"]
     assert abs(result["top5"] * 360 / 100 - ref["topk"]) <= ref["ties"]
     assert 15 < result["top1"] < 100  # 40 steps learned something; the matrix is not trivial
