@@ -16,13 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from distvit.checkpoint import io as ckio
 from distvit.checkpoint import safe_load
 from distvit.checkpoint import state as ckstate
 from distvit.checkpoint.reshape import is_universal
 from distvit.config import ConfigError
+from distvit.parallel import comm
 
 
 class ResumeError(ConfigError):
@@ -30,10 +30,8 @@ class ResumeError(ConfigError):
 
 
 def _all_ok(ok: bool) -> bool:
-    flag = torch.tensor([0.0 if ok else 1.0])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
+    """True when every rank's `ok` is; a CPU flag, reduced on the group's device (comm: CUDA under NCCL)."""
+    return comm.all_reduce(torch.tensor([0.0 if ok else 1.0]), "max").item() == 0.0
 
 
 def check_layout(trainer, tag_dir: Path, meta: ckio.CheckpointMeta) -> None:
@@ -172,7 +170,6 @@ def clear_stale(trainer, tag_dir: Path, log) -> None:
     process (a damaged checkpoint the resume passed over): rank 0 removes it, all ranks wait."""
     import shutil
 
-    from distvit.parallel import comm
     from distvit.parallel import mesh as ddist
 
     stale = tag_dir.exists() and tag_dir != trainer.resume_from and tag_dir not in trainer.checkpoints.saved_tags

@@ -348,9 +348,11 @@ class GroupSharedDropPath(nn.Module):
             return x
         keep = 1.0 - self.drop_prob
         if seq_ids is not None:  # packed: one mask per image, over the images of every rank's shard
-            n = torch.tensor(int(seq_ids.max()) + 1)
-            dist.all_reduce(n, op=dist.ReduceOp.MAX, group=self.plan.group)
-            return x * image_mask_to_tokens(_shared_mask((max(1, int(n)),), keep, x, self.plan), seq_ids, x) / keep
+            # Sized from shapes alone, so no host read and no collective to agree on it: image ids
+            # are 0..N-1 over the packed batch (models/packed.py), each image has at least one token,
+            # and the sp ranks hold the batch's tokens in equal shares of seq_ids.numel(), so N <= slots.
+            slots = seq_ids.numel() * self.plan.sp_size
+            return x * image_mask_to_tokens(_shared_mask((slots,), keep, x, self.plan), seq_ids, x) / keep
         return x * _shared_mask((x.shape[0],) + (1,) * (x.dim() - 1), keep, x, self.plan) / keep
 
     def extra_repr(self) -> str:
