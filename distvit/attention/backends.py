@@ -53,10 +53,7 @@ LSE_BLOCK_ELEMENTS = 1 << 24
 
 def list_backends() -> list[str]:
     """The backend names that can run on this machine ("flash" only when flash-attn imports and CUDA is up)."""
-    names = ["auto", "sdpa", "math"]
-    if flash_available():
-        names.insert(2, "flash")
-    return names
+    return [name for name in ATTENTION_BACKENDS if name != "flash" or flash_available()]
 
 
 def flash_available() -> bool:
