@@ -215,3 +215,85 @@ def test_offload_zero_conflict_names_where_each_key_came_from(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(f2)
     assert f"parallel.offload from {f2.resolve()}" in str(e.value) and "parallel.zero_stage from defaults" in str(e.value)
+
+
+# ---------------------------------------------------------------- rules checked before start-up
+# Each rule below used to fire only after the process group (and for EMA, the DeepSpeed engine) existed;
+# load_config or resolve() (config/resolve.py, what the Trainer and --print-config run) refuse it now, with
+# the same one-line text, and no process group is started by either.
+
+def _no_process_group():
+    import torch.distributed as dist
+
+    return not dist.is_initialized()
+
+
+def test_ema_under_zero3_is_refused_at_load():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.ema_decay=0.9", "parallel.zero_stage=3"])
+    assert str(err.value) == ("optim.ema_decay needs full weights on every rank, which ZeRO-3 partitions; "
+                              "use parallel.zero_stage <= 2 or set optim.ema_decay=null")
+    load_config(None, ["optim.ema_decay=0.9", "parallel.zero_stage=2"])  # ZeRO 0-2 keep full weights
+    assert _no_process_group()
+
+
+def test_a_run_without_length_is_refused_at_load():
+    with pytest.raises(ConfigError, match=r"^set run.epochs or run.max_steps \(both are empty\)$"):
+        load_config(None, ["run.epochs=null", "run.max_steps=null"])
+
+
+def test_repeated_aug_above_the_dp_ranks_is_refused_by_resolve():
+    import torch
+
+    from distvit.config.resolve import resolve
+
+    cfg = load_config(None, ["data.repeated_aug=3"])
+    with pytest.raises(ConfigError) as err:
+        resolve(cfg, dp_size=2, device=torch.device("cpu"))
+    assert str(err.value) == ("data.repeated_aug=3 repeats each sample on that many different ranks, but there are 2 "
+                              "data-parallel ranks; set data.repeated_aug <= 2 (1: off)")
+    resolve(cfg, dp_size=3, device=torch.device("cpu"))
+    assert _no_process_group()
+
+
+def test_interleaved_offload_with_param_offload_is_refused_by_resolve(tmp_path):
+    import json
+
+    import torch
+
+    from distvit.config.resolve import resolve
+
+    extra = tmp_path / "ds.json"
+    extra.write_text(json.dumps({"zero_optimization": {"offload_param": {"device": "cpu"}}}))
+    cfg = load_config(None, ["parallel.zero_stage=3", "parallel.offload=interleaved", "parallel.precision=fp32",
+                             "parallel.sub_group_size=1000", f"parallel.deepspeed_extra={extra}"])
+    with pytest.raises(ConfigError) as err:
+        resolve(cfg, dp_size=1, device=torch.device("cuda", 0))  # a GPU launch; none is needed to refuse it
+    assert str(err.value) == (
+        "interleaved offload updates the ZeRO-3 parameter partitions on the cuda device, but "
+        f"zero_optimization.offload_param.device is 'cpu' (from parallel.deepspeed_extra '{extra}'), which keeps them "
+        "in host memory; remove offload_param from the DeepSpeed config, or use parallel.offload=cpu (DeepSpeed's own "
+        "offload, which supports offload_param)")
+    resolve(cfg, dp_size=1, device=torch.device("cpu"))  # on the CPU the partitions belong in host memory
+    assert _no_process_group()
+
+
+PACKING = ["data.packing.max_tokens=64", "data.packing.min_side=4", "data.packing.max_side=8"]
+
+
+def test_packing_without_a_packed_forward_is_refused_by_resolve():
+    import torch
+
+    from distvit.config.resolve import resolve
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"^data.packing needs a model with a packed forward .* set data.packing=null$"):
+        resolve(load_config("swin_digits", PACKING), dp_size=1, device=cpu)
+    teacher = ["distill.kind=hard", "distill.teacher=swin_digits", "distill.teacher_checkpoint=teacher.safetensors"]
+    with pytest.raises(ConfigError) as err:
+        resolve(load_config("demo_digits", PACKING + teacher), dp_size=1, device=cpu)
+    assert str(err.value) == ("data.packing: the teacher distill.teacher='swin_digits' has no packed forward (it must "
+                              "see the student's packed batch); pick a ViT/DeiT teacher or set data.packing=null")
+    ok = ["distill.kind=hard", "distill.teacher=vit_digits", "distill.teacher_checkpoint=teacher.safetensors"]
+    resolve(load_config("demo_digits", PACKING + ok), dp_size=1, device=cpu)  # a ViT teacher packs too
+    assert _no_process_group()

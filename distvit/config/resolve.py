@@ -1,6 +1,9 @@
 """The config as one run uses it, resolved once the world size and device are known (before any
 engine exists); `--print-config` shows this, and the Trainer reads nothing else.
 
+- the rules that need the world size and device or the model classes (config/checks.py
+  `check_launch`): data.repeated_aug <= dp ranks, interleaved offload without offload_param on a
+  GPU, packed forwards for data.packing.
 - parallel.precision: auto -> bf16 on a CUDA device that supports it, else fp32.
 - optim.lr from a reference batch, as timm's `--lr-base`:
 
@@ -57,7 +60,11 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
 
 
 def resolve(cfg: Config, *, dp_size: int, device: torch.device) -> tuple[Config, str]:
-    """A resolved copy of cfg (precision and lr concrete) and the banner line saying where the lr came from."""
+    """A resolved copy of cfg (precision and lr concrete) and the banner line saying where the lr came from;
+    refuses what this launch could not run (config/checks.py `check_launch`)."""
+    from distvit.config.checks import check_launch
+
+    check_launch(cfg, dp_size=dp_size, device=device)
     cfg = cfg.model_copy(deep=True)
     line = apply(cfg, dp_size)
     cfg.optim.lr_base = None  # the lr is concrete now: the printed / saved config loads again as it is

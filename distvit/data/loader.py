@@ -105,9 +105,11 @@ class TrainLoader:
                  device=None):
         _check_rank(dp_rank, dp_size)
         self.device = torch.device(device or "cpu")  # where batches are normalised (and erased)
-        if cfg.repeated_aug > dp_size:
-            raise DataError(f"data.repeated_aug={cfg.repeated_aug} repeats each sample on that many different ranks, "
-                            f"but there are {dp_size} data-parallel ranks; set data.repeated_aug <= {dp_size} (1: off)")
+        from distvit.config.checks import repeated_aug_error  # the rule's one text; resolve() refuses it before start-up
+
+        problem = repeated_aug_error(cfg.repeated_aug, dp_size)
+        if problem:
+            raise DataError(problem)
         self.cfg, self.dp_rank, self.dp_size, self.seed = cfg, dp_rank, dp_size, seed
         self.num_classes = num_classes  # the model's: labels outside it are bad samples, not an IndexError
         self.shards, self.manifest = list_shards(cfg.train, cfg.manifest, cfg.on_error, allow_pipe=cfg.allow_pipe,

@@ -61,14 +61,10 @@ def build_model(cfg: Config) -> torch.nn.Module:
 
 
 def build_ema(cfg: Config, module: torch.nn.Module) -> torch.nn.Module | None:
-    """An fp32 copy of the weights the step lerps toward (optim.ema_decay), or None."""
+    """An fp32 copy of the weights the step lerps toward (optim.ema_decay), or None. ZeRO 0-2 only: the config
+    refuses ema_decay under ZeRO-3 (config/checks.py check_run), whose weights are partitioned."""
     if cfg.optim.ema_decay is None:
         return None
-    if cfg.parallel.zero_stage == 3:
-        raise ConfigError(
-            "optim.ema_decay needs full weights on every rank, which ZeRO-3 partitions; "
-            "use parallel.zero_stage <= 2 or set optim.ema_decay=null"
-        )
     ema = copy.deepcopy(module).float().eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -111,8 +107,7 @@ def build(cfg: Config, mesh: ddist.Mesh, device: torch.device, resume_from: Path
     if cfg.run.compile:  # in place: parameter names and DeepSpeed's hooks stay as they are
         model.compile()
     classes = getattr(model, "num_classes", None)  # labels outside the head are bad samples, not IndexError
-    packed_train.check(cfg, model)  # data.packing: PackedBatch micro-batches (engine/packed_train.py)
-    patch = packed_train.patch_size(model)
+    patch = packed_train.patch_size(model)  # data.packing: PackedBatch micro-batches (engine/packed_train.py)
     train_loader = build_train_loader(cfg.data, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
                                       seed=cfg.run.seed, num_classes=classes, device=device, patch_size=patch)
     val_loader = (
@@ -127,12 +122,8 @@ def build(cfg: Config, mesh: ddist.Mesh, device: torch.device, resume_from: Path
             f"one epoch has {train_loader.steps_per_epoch} micro-batches per rank, fewer than "
             f"parallel.grad_accum={accum}; lower data.batch_size or parallel.grad_accum"
         )
-    if cfg.run.max_steps:
-        total_steps = cfg.run.max_steps
-    elif cfg.run.epochs:
-        total_steps = cfg.run.epochs * steps_per_epoch
-    else:
-        raise ConfigError("set run.epochs or run.max_steps (both are empty)")
+    # run.epochs or run.max_steps is set (config/checks.py check_run); max_steps wins.
+    total_steps = cfg.run.max_steps or cfg.run.epochs * steps_per_epoch
 
     precision = resolve_precision(cfg, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -159,7 +150,6 @@ def build(cfg: Config, mesh: ddist.Mesh, device: torch.device, resume_from: Path
     input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     # A frozen teacher beside the engine (never wrapped by DeepSpeed), in the student's precision.
     distiller = distill.build_distiller(cfg, engine.module, device, input_dtype)
-    packed_train.check_teacher(cfg, distiller and distiller.teacher)
     mixer = build_mixer(cfg.data, getattr(engine.module, "num_classes", None))  # None without mixup / cutmix
 
     return Parts(engine=engine, train_loader=train_loader, val_loader=val_loader, steps_per_epoch=steps_per_epoch,

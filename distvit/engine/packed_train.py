@@ -1,4 +1,4 @@
-"""The trainer's side of native-resolution training (data.packing): checks, and counting real work.
+"""The trainer's side of native-resolution training (data.packing): counting real work (checks: config/checks.py).
 
 With data.packing the loaders yield distvit.data.packing.PackedBatch micro-batches; the trainer
 passes them to the engine as it passes image tensors (`engine(packed)`: VisionTransformer.forward
@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from distvit.config import Config, ConfigError
+from distvit.config import Config
+# The packing rules live in the config (config/checks.py); resolve() runs them before start-up, on the
+# model classes. These names check a built model, for callers that build their own.
+from distvit.config.checks import check_packed_student as check, check_packed_teacher as check_teacher  # noqa: F401
 from distvit.models.packed import grid_flops
 
 
@@ -21,22 +24,6 @@ def patch_size(model: torch.nn.Module):
     """The model's patch size (what the packed loaders cut images into), None for models without one."""
     pe = getattr(model, "patch_embed", None)
     return getattr(pe, "patch_size", None)
-
-
-def check(cfg: Config, model: torch.nn.Module) -> None:
-    """data.packing needs a model with forward_packed: the ViT family (square-batch augmentations are
-    refused by the data config itself)."""
-    if cfg.data.packing is None:
-        return
-    if not hasattr(model, "forward_packed"):
-        raise ConfigError(f"data.packing needs a model with a packed forward (the ViT/DeiT family); "
-                          f"model.name={cfg.model.name!r} has none; pick a ViT or set data.packing=null")
-
-
-def check_teacher(cfg: Config, teacher: torch.nn.Module | None) -> None:
-    if cfg.data.packing is not None and teacher is not None and not hasattr(teacher, "forward_packed"):
-        raise ConfigError(f"data.packing: the teacher distill.teacher={cfg.distill.teacher!r} has no packed forward "
-                          "(it must see the student's packed batch); pick a ViT/DeiT teacher or set data.packing=null")
 
 
 def step_counts(images, labels: torch.Tensor, dp_size: int, model, flops_per_image: float | None):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from distvit.config import Config, ConfigError
+from distvit.config.checks import check_param_offload
 from distvit.config.resolve import resolve_precision
 
 
@@ -74,11 +75,7 @@ def build_ds_config(cfg: Config, device: torch.device, *, elements_per_rank: int
     ds["gradient_clipping"] = cfg.optim.grad_clip if norm_clip else 0.0
     if cfg.parallel.deepspeed_extra:
         ds = merge_user_json(ds, cfg.parallel.deepspeed_extra)
-    param_device = (ds["zero_optimization"].get("offload_param") or {}).get("device", "none")
-    if cfg.parallel.offload == "interleaved" and param_device == "cpu" and device.type != "cpu":
-        from distvit.offload._interleaved import param_offload_error
-
-        raise ConfigError(param_offload_error(device, f"parallel.deepspeed_extra '{cfg.parallel.deepspeed_extra}'"))
+    check_param_offload(cfg, device)  # the config's rule (resolve() runs it before start-up), for direct callers
     return ds
 
 
