@@ -43,14 +43,10 @@ def _train(argv: list[str] | None) -> int:
 
     args = train_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    if args.print_config:  # as this launch would run it: world size from the launcher's environment
-        from distvit.config.resolve import resolve
-        from distvit.parallel import mesh as ddist
+    if args.print_config:  # as this launch would run it: world size from the launcher's env, device from run.device
+        from distvit.config.resolve import print_config
 
-        info = ddist.discover()
-        device = ddist.pick_device(cfg.run.device, info.local_rank)
-        cfg, _ = resolve(cfg, dp_size=max(1, info.world_size // cfg.parallel.sp_size), device=device)
-        print(cfg.to_yaml(), end="")
+        print(print_config(cfg), end="")
         return 0
     from distvit.engine.trainer import Trainer
 

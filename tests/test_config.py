@@ -297,3 +297,15 @@ def test_packing_without_a_packed_forward_is_refused_by_resolve():
     ok = ["distill.kind=hard", "distill.teacher=vit_digits", "distill.teacher_checkpoint=teacher.safetensors"]
     resolve(load_config("demo_digits", PACKING + ok), dp_size=1, device=cpu)  # a ViT teacher packs too
     assert _no_process_group()
+
+
+def test_sp_size_that_does_not_divide_the_world_is_refused_before_the_process_group(monkeypatch):
+    from distvit.config.resolve import for_launch
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    with pytest.raises(ValueError, match=r"parallel.sp_size=4 does not divide the world size 6"):
+        for_launch(load_config(None, ["parallel.sp_size=4", "run.device=cpu"]))
+    cfg, _, launch = for_launch(load_config(None, ["parallel.sp_size=3", "run.device=cpu", "optim.lr=1e-3"]))
+    assert (launch.world_size, launch.dp_size, launch.device.type) == (6, 2, "cpu") and cfg.parallel.precision == "fp32"
+    assert _no_process_group()

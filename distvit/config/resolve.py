@@ -1,9 +1,11 @@
 """The config as one run uses it, resolved once the world size and device are known (before any
-engine exists); `--print-config` shows this, and the Trainer reads nothing else.
+process group or engine exists); `--print-config` shows this, and the Trainer reads nothing else.
 
-- the rules that need the world size and device or the model classes (config/checks.py
-  `check_launch`): data.repeated_aug <= dp ranks, interleaved offload without offload_param on a
-  GPU, packed forwards for data.packing.
+    cfg, lr_line, launch = for_launch(cfg)   # world size from the launcher's env, device from run.device
+
+- the rules that need the launch or the model classes (config/checks.py `check_launch`): sp_size
+  divides the world, data.repeated_aug <= dp ranks, interleaved offload without offload_param on
+  a GPU, packed forwards for data.packing.
 - parallel.precision: auto -> bf16 on a CUDA device that supports it, else fp32.
 - optim.lr from a reference batch, as timm's `--lr-base`:
 
@@ -16,6 +18,7 @@ The global batch is data.batch_size x parallel.grad_accum x data-parallel ranks.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -52,7 +55,10 @@ def apply(cfg: Config, dp_size: int) -> str:
 def resolve_precision(cfg: Config, device: torch.device) -> str:
     p = cfg.parallel.precision
     if p == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        # A CUDA device this machine does not have (--print-config for a GPU launch): Ampere or newer assumed.
+        return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp32"
     if p in ("bf16", "fp16") and device.type == "cpu" and cfg.parallel.zero_stage == 0:
         # DeepSpeed's bf16/fp16 wrappers need a ZeRO optimizer on the CPU accelerator.
         raise ConfigError(f"parallel.precision={p} on the CPU needs parallel.zero_stage >= 1; use precision=fp32 or zero_stage=1")
@@ -70,3 +76,53 @@ def resolve(cfg: Config, *, dp_size: int, device: torch.device) -> tuple[Config,
     cfg.optim.lr_base = None  # the lr is concrete now: the printed / saved config loads again as it is
     cfg.parallel.precision = resolve_precision(cfg, device)
     return cfg, line
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a run is launched on, known before any process group exists."""
+    world_size: int
+    dp_size: int
+    device: torch.device
+    launcher: str  # torch | slurm | openmpi | pmi | single (parallel/mesh.py `discover`)
+    device_here: bool = True  # False: --print-config for a CUDA device this machine does not have
+
+
+def launch_of(cfg: Config, *, preview: bool = False) -> Launch:
+    """The launch this process is part of, from the launcher's environment (parallel/mesh.py's
+    discovery, no rendezvous). preview (--print-config): run.device=cuda resolves for a GPU even
+    on a machine without one, instead of refusing."""
+    from distvit.parallel import mesh
+
+    info = mesh.discover()
+    mesh.Mesh.check(info.world_size, cfg.parallel.sp_size)  # sp_size divides the world (world = dp x sp)
+    if preview and cfg.run.device == "cuda" and not torch.cuda.is_available():
+        device, here = torch.device("cuda", info.local_rank), False
+    else:
+        device, here = mesh.pick_device(cfg.run.device, info.local_rank), True
+    return Launch(info.world_size, info.world_size // cfg.parallel.sp_size, device, info.launcher, here)
+
+
+def for_launch(cfg: Config, *, preview: bool = False) -> tuple[Config, str, Launch]:
+    """cfg resolved for the launch this process is part of: (resolved copy, lr banner line, launch)."""
+    launch = launch_of(cfg, preview=preview)
+    resolved, line = resolve(cfg, dp_size=launch.dp_size, device=launch.device)
+    return resolved, line, launch
+
+
+def print_config(cfg: Config) -> str:
+    """What `distvit train --print-config` prints: a comment header naming the launch, then the resolved YAML.
+
+    The launch is this one: the world size from the launcher's environment (one process alone;
+    `RANK=0 WORLD_SIZE=8` previews 8 ranks), the device from run.device (`--set run.device=cuda`
+    resolves for a GPU without one here)."""
+    resolved, line, launch = for_launch(cfg, preview=True)
+    sp = cfg.parallel.sp_size
+    ranks = f"world size {launch.world_size}" + (f" (dp {launch.dp_size} x sp {sp})" if sp > 1 else "")
+    head = [f"# resolved for device {launch.device.type}, {ranks}, launcher {launch.launcher}; {line}"]
+    if not launch.device_here:
+        head.append("# no CUDA device here: resolved as a GPU launch would be"
+                    + (" (precision auto taken as bf16: Ampere or newer)" if cfg.parallel.precision == "auto" else ""))
+    if launch.launcher == "single":
+        head.append("# one process: preview N ranks with RANK=0 WORLD_SIZE=N, a GPU launch with --set run.device=cuda")
+    return "\n".join(head) + "\n" + resolved.to_yaml()

@@ -2,7 +2,8 @@
 
     Trainer(cfg, resume="auto").fit()
 
-Build order (one direction): process groups and mesh -> data loaders (over dp) -> model
+Build order (one direction): the config resolved for the launch (config/resolve.py; before any process
+group) -> process groups and mesh -> data loaders (over dp) -> model
 (pure nn.Module; sequence-parallel wiring if sp > 1) -> optimizer + schedule -> DeepSpeed engine
 (from the generated config) -> optional interleaved offload -> resume. The loop counts optimizer
 steps; a micro-batch loop feeds DeepSpeed's gradient accumulation.
@@ -21,7 +22,7 @@ from distvit import launch_check, watchdog
 from distvit.checkpoint import io as ckio
 from distvit.checkpoint.manager import CheckpointManager
 from distvit.config import Config, save_config
-from distvit.config.resolve import resolve
+from distvit.config.resolve import for_launch
 from distvit.engine import faults, packed_train, report
 from distvit.engine.build import Parts, build
 from distvit.engine.evaluation import evaluate_classifier
@@ -47,6 +48,10 @@ class Trainer:
         self.signals = StopSignals()
         check_output_dir(cfg.run_dir, cfg.run.output_dir, cfg.run.name)
         launch_check.check_accelerate_cpu()  # `accelerate launch --cpu --num_processes N` runs 1 process
+        # The config as this run uses it (precision, lr from optim.lr_base), every rule on the world size and
+        # device checked: resolved once from the launcher's environment, before any process group; read everywhere.
+        cfg, self.lr_line, _ = for_launch(cfg)
+        self.cfg = cfg
         watchdog.set_phase("start-up: process-group rendezvous")
         self.info, self.device = ddist.init(cfg.run.device, timeout_s=cfg.run.collective_timeout_s)
         watchdog.set_phase("start-up: building the mesh, data loaders, model and DeepSpeed engine")
@@ -55,9 +60,6 @@ class Trainer:
             local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or self.info.world_size)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
         self.mesh = ddist.Mesh.build(cfg.parallel.sp_size)
-        # The config as this run uses it (precision, lr from optim.lr_base): resolved once, read everywhere.
-        cfg, self.lr_line = resolve(cfg, dp_size=self.mesh.dp_size, device=self.device)
-        self.cfg = cfg
         self.rank = self.mesh.rank
         self.is_main = self.rank == 0
         if not self.is_main:  # the weights loader's notes (e.g. head re-initialised): one line per run, not per rank

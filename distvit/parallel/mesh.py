@@ -118,7 +118,9 @@ def _mpi_broadcast_master_addr() -> str:
 def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("run.device=cuda but no CUDA device is visible; use run.device=auto or cpu")
+            from distvit.errors import UserError  # a setting of the user's, not a fault of ours
+
+            raise UserError("run.device=cuda but no CUDA device is visible; use run.device=auto or cpu")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
