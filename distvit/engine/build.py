@@ -93,6 +93,29 @@ class Parts:
 
 
 def build(cfg: Config, mesh: ddist.Mesh, device: torch.device, resume_from: Path | None) -> Parts:
+    """The Trainer's parts for a resolved config (config/resolve.py has refused what this launch cannot run)."""
+    model, mpu, flops_per_image, num_params = _model(cfg, mesh)
+    train_loader, val_loader, steps_per_epoch, total_steps = _loaders(cfg, mesh, device, model)
+    precision = resolve_precision(cfg, device)
+    engine, ds_config, clip = _engine(cfg, mesh, device, model, mpu, total_steps, resume_from)
+    step_sync = StepSync(device, dp_size=mesh.dp_size, sp_rank=mesh.sp_rank)
+    offload = None
+    if cfg.parallel.offload == "interleaved":
+        offload = offload_api.enable(engine, offload_api.Settings.from_config(cfg.parallel), logger=log0)
+    ema = build_ema(cfg, engine.module)
+    input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    # A frozen teacher beside the engine (never wrapped by DeepSpeed), in the student's precision.
+    distiller = distill.build_distiller(cfg, engine.module, device, input_dtype)
+    mixer = build_mixer(cfg.data, getattr(engine.module, "num_classes", None))  # None without mixup / cutmix
+
+    return Parts(engine=engine, train_loader=train_loader, val_loader=val_loader, steps_per_epoch=steps_per_epoch,
+                 total_steps=total_steps, precision=precision, input_dtype=input_dtype, ds_config=ds_config,
+                 flops_per_image=flops_per_image, num_params=num_params, _clip=clip, _step_sync=step_sync,
+                 offload=offload, ema=ema, distiller=distiller, mixer=mixer)
+
+
+def _model(cfg: Config, mesh: ddist.Mesh) -> tuple[torch.nn.Module, Any, float | None, int]:
+    """(model with sequence-parallel wiring, its DeepSpeed mpu, forward FLOPs per image, parameters)."""
     # Identical initial weights on every rank (ZeRO-3 partitions whatever each rank built).
     seed_all(cfg.run.seed)
     model = build_model(cfg)
@@ -106,6 +129,11 @@ def build(cfg: Config, mesh: ddist.Mesh, device: torch.device, resume_from: Path
 
     if cfg.run.compile:  # in place: parameter names and DeepSpeed's hooks stay as they are
         model.compile()
+    return model, mpu, flops_per_image, num_params
+
+
+def _loaders(cfg: Config, mesh: ddist.Mesh, device: torch.device, model: torch.nn.Module):
+    """(train loader, val loader or None, optimizer steps per epoch, total optimizer steps), split over dp."""
     classes = getattr(model, "num_classes", None)  # labels outside the head are bad samples, not IndexError
     patch = packed_train.patch_size(model)  # data.packing: PackedBatch micro-batches (engine/packed_train.py)
     train_loader = build_train_loader(cfg.data, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
@@ -124,8 +152,12 @@ def build(cfg: Config, mesh: ddist.Mesh, device: torch.device, resume_from: Path
         )
     # run.epochs or run.max_steps is set (config/checks.py check_run); max_steps wins.
     total_steps = cfg.run.max_steps or cfg.run.epochs * steps_per_epoch
+    return train_loader, val_loader, steps_per_epoch, total_steps
 
-    precision = resolve_precision(cfg, device)
+
+def _engine(cfg: Config, mesh: ddist.Mesh, device: torch.device, model: torch.nn.Module, mpu, total_steps: int,
+            resume_from: Path | None):
+    """(DeepSpeed engine over our optimizer and schedule, its generated config, our clipping or None)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ds_config = build_ds_config(cfg, device, elements_per_rank=-(-trainable // mesh.world_size),
                                 world_size=mesh.world_size)
@@ -142,17 +174,4 @@ def build(cfg: Config, mesh: ddist.Mesh, device: torch.device, resume_from: Path
     engine = init_engine(model, optimizer, scheduler, ds_config, mpu, cfg.parallel.zero_stage)
     clip = tune_engine(engine, world_size=mesh.world_size, zero_stage=cfg.parallel.zero_stage,
                        max_norm=cfg.optim.grad_clip, clipping_taken=own_clipping)
-    step_sync = StepSync(device, dp_size=mesh.dp_size, sp_rank=mesh.sp_rank)
-    offload = None
-    if cfg.parallel.offload == "interleaved":
-        offload = offload_api.enable(engine, offload_api.Settings.from_config(cfg.parallel), logger=log0)
-    ema = build_ema(cfg, engine.module)
-    input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    # A frozen teacher beside the engine (never wrapped by DeepSpeed), in the student's precision.
-    distiller = distill.build_distiller(cfg, engine.module, device, input_dtype)
-    mixer = build_mixer(cfg.data, getattr(engine.module, "num_classes", None))  # None without mixup / cutmix
-
-    return Parts(engine=engine, train_loader=train_loader, val_loader=val_loader, steps_per_epoch=steps_per_epoch,
-                 total_steps=total_steps, precision=precision, input_dtype=input_dtype, ds_config=ds_config,
-                 flops_per_image=flops_per_image, num_params=num_params, _clip=clip, _step_sync=step_sync,
-                 offload=offload, ema=ema, distiller=distiller, mixer=mixer)
+    return engine, ds_config, clip

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -41,7 +42,6 @@ class TrainingDiverged(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config, *, resume: str | None = None):
-        self.cfg = cfg
         # First thing: SIGTERM/SIGUSR1 handlers. During start-up they end the process at once (nothing
         # to save yet; a rank waiting for its peers must not linger); once training runs they ask for a
         # checkpoint after the current step. Then the run folder, before the slow part of start-up.
@@ -95,8 +95,6 @@ class Trainer:
         log0(report.run_plan(self))
         watchdog.set_phase(lambda: f"training step {self.step + 1}")
         self.signals.started = True
-
-    # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> Path:
         """Save a checkpoint at this step (in the background with checkpoint.async: checkpoint/manager.py)."""
@@ -175,74 +173,35 @@ class Trainer:
         """Loss, top-1, top-5 over the whole val set (exact), of the engine or of `module` (the EMA)."""
         if self.val_loader is None:
             return {}
+        net, bare = (self.engine, self.engine.module) if module is None else (module, module)
+        dtype = self.input_dtype if module is None else torch.float32
         if self.task is not None:  # held-out next-patch MSE (engine/tasks.py)
-            return self.task.evaluate(self.engine if module is None else module,
-                                      self.engine.module if module is None else module, self.val_loader, self.device,
-                                      self.input_dtype if module is None else torch.float32, self.mesh.dp_group,
+            return self.task.evaluate(net, bare, self.val_loader, self.device, dtype, self.mesh.dp_group,
                                       _rng_isolated(self.val_loader))
-        return evaluate_classifier(self.engine if module is None else module,
-                                   self.engine.module if module is None else module, _rng_isolated(self.val_loader),
-                                   device=self.device, dtype=self.input_dtype if module is None else torch.float32,
+        return evaluate_classifier(net, bare, _rng_isolated(self.val_loader), device=self.device, dtype=dtype,
                                    dp_group=self.mesh.dp_group)
 
     def fit(self) -> dict:
-        cfg = self.cfg
-        # Resumed this run at or past its end: one line, nothing rewritten. A checkpoint from elsewhere
-        # (e.g. `distvit ckpt reshape` output) is still saved into this run and exported, as a conversion.
-        own = self.resume_from is not None and Path(self.resume_from).resolve().parent == self.ckpt_root.resolve()
-        if own and self.step >= self.total_steps:
-            limit = f"run.max_steps={cfg.run.max_steps}" if cfg.run.max_steps else f"run.epochs={cfg.run.epochs}"
-            log0(f"nothing to train: {self.resume_from} is at step {self.step} and {limit} ends the run at step "
-                 f"{self.total_steps}; its results are in {self.run_dir}; raise {limit.split('=')[0]} to train further")
-            self.metrics.close()
-            return {"status": "finished", "nothing_to_train": True, "steps": self.step, "run_dir": str(self.run_dir)}
+        """Train to run.max_steps / run.epochs or a stop signal, save, export; returns the summary."""
+        done = self._nothing_to_train()
+        if done is not None:
+            return done
         start = time.perf_counter()
         batches = self._micro_batches()
         progress = None
-        if self.is_main and cfg.log.progress:
+        if self.is_main and self.cfg.log.progress:
             from tqdm import tqdm
 
             progress = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                             file=sys.stdout, mininterval=1.0)
-        eval_every = cfg.run.eval_every or self.steps_per_epoch
-        images_timed, time_timed, steps_timed, flops_timed = 0, 0.0, 0, 0.0
-        last_eval: dict = {}
-        exit_reason = "finished"
+        self._window, self._last_eval, exit_reason = _Window(), {}, "finished"
         self.engine.train()
         try:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 faults.maybe_kill("kill_at_step", self.step)
                 out = self.train_step(batches)
-                # Read steps (log, eval, save, last): the only steps where the host waits for the device.
-                is_last = self.step == self.total_steps
-                is_log = self.step % cfg.log.every_steps == 0 or is_last
-                is_eval = self.step % eval_every == 0 or is_last
-                every = cfg.checkpoint.every_steps
-                is_save = bool(every) and self.step % every == 0 and not is_last
-                reading = self._read_steps() if (is_log or is_eval or is_save) else None
-                images_timed += out["images"]
-                flops_timed = None if out["flops"] is None or flops_timed is None else flops_timed + out["flops"]
-                time_timed += time.perf_counter() - t0  # includes the read: the device caught up there
-                steps_timed += 1
-                row = None
-                if is_log:
-                    row = report.metrics_row(self, reading, images_timed / max(time_timed, 1e-9), time_timed / steps_timed,
-                                             None if flops_timed is None else flops_timed / max(time_timed, 1e-9))
-                    images_timed, time_timed, steps_timed, flops_timed = 0, 0.0, 0, 0.0
-                if is_eval:
-                    last_eval = self._evaluate_all()
-                    row = {**(row or {"step": self.step, "epoch": self.epoch}), **last_eval}
-                if row is not None:
-                    self.metrics.log(row)
-                if progress is not None:
-                    progress.update(1)
-                    if reading is not None:
-                        progress.set_postfix(loss=f"{reading.loss:.4f}", lr=f"{self.engine.get_lr()[0]:.2e}",
-                                             **({"top1": f"{last_eval['val_top1']:.1f}"} if "val_top1" in last_eval else {}),
-                                             **({"mse": f"{last_eval['val_mse']:.4f}"} if "val_mse" in last_eval else {}))
-                if is_save:
-                    self.save()
+                reading = self._after_step(out, t0, progress)
                 if reading is not None and reading.stop:
                     exit_reason = "preempted"
                     break
@@ -251,12 +210,53 @@ class Trainer:
                 progress.close()
         tag_dir = self.save()
         self.checkpoints.finish()  # async: the last write is durable and `latest` before the export reads it
-        export = None
-        if exit_reason == "finished" and cfg.checkpoint.export:
-            export = self.checkpoints.export(tag_dir)
-        summary = report.summary(self, time.perf_counter() - start, last_eval, tag_dir, export, exit_reason)
+        export = self.checkpoints.export(tag_dir) if exit_reason == "finished" and self.cfg.checkpoint.export else None
+        summary = report.summary(self, time.perf_counter() - start, self._last_eval, tag_dir, export, exit_reason)
         self.metrics.close()
         return summary
+
+    def _nothing_to_train(self) -> dict | None:
+        """Resumed this run at or past its end: one line, nothing rewritten, the summary; else None. A checkpoint
+        from elsewhere (e.g. `distvit ckpt reshape` output) is still saved into this run and exported, as a conversion."""
+        own = self.resume_from is not None and Path(self.resume_from).resolve().parent == self.ckpt_root.resolve()
+        if not own or self.step < self.total_steps:
+            return None
+        run = self.cfg.run
+        limit = f"run.max_steps={run.max_steps}" if run.max_steps else f"run.epochs={run.epochs}"
+        log0(f"nothing to train: {self.resume_from} is at step {self.step} and {limit} ends the run at step "
+             f"{self.total_steps}; its results are in {self.run_dir}; raise {limit.split('=')[0]} to train further")
+        self.metrics.close()
+        return {"status": "finished", "nothing_to_train": True, "steps": self.step, "run_dir": str(self.run_dir)}
+
+    def _after_step(self, out: dict, t0: float, progress):
+        """After a step: on read steps (log, eval, save, last), the only steps where the host waits for the
+        device, read it; then the metrics row, eval, progress bar and save. Returns the reading (None: none)."""
+        cfg = self.cfg
+        is_last = self.step == self.total_steps
+        is_log = self.step % cfg.log.every_steps == 0 or is_last
+        is_eval = self.step % (cfg.run.eval_every or self.steps_per_epoch) == 0 or is_last
+        is_save = bool(cfg.checkpoint.every_steps) and self.step % cfg.checkpoint.every_steps == 0 and not is_last
+        reading = self._read_steps() if (is_log or is_eval or is_save) else None
+        self._window = self._window.add(out, time.perf_counter() - t0)  # includes the read: the device caught up
+        row = None
+        if is_log:
+            row = report.metrics_row(self, reading, *self._window.rates())
+            self._window = _Window()
+        if is_eval:
+            self._last_eval = self._evaluate_all()
+            row = {**(row or {"step": self.step, "epoch": self.epoch}), **self._last_eval}
+        if row is not None:
+            self.metrics.log(row)
+        if progress is not None:
+            progress.update(1)
+            if reading is not None:
+                last = self._last_eval
+                progress.set_postfix(loss=f"{reading.loss:.4f}", lr=f"{self.engine.get_lr()[0]:.2e}",
+                                     **({"top1": f"{last['val_top1']:.1f}"} if "val_top1" in last else {}),
+                                     **({"mse": f"{last['val_mse']:.4f}"} if "val_mse" in last else {}))
+        if is_save:
+            self.save()
+        return reading
 
     def _evaluate_all(self) -> dict:
         result = self.evaluate()
@@ -266,6 +266,23 @@ class Trainer:
         if "val_top1" in result and (self.best["val_top1"] is None or result["val_top1"] > self.best["val_top1"]):
             self.best = {"val_top1": result["val_top1"], "val_top5": result["val_top5"]}
         return result
+
+
+class _Window(NamedTuple):
+    """Images, seconds, steps and FLOPs since the last metrics row (FLOPs None once a step's are unknown)."""
+    images: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+    flops: float | None = 0.0
+
+    def add(self, out: dict, seconds: float) -> "_Window":
+        flops = None if out["flops"] is None or self.flops is None else self.flops + out["flops"]
+        return _Window(self.images + out["images"], self.seconds + seconds, self.steps + 1, flops)
+
+    def rates(self) -> tuple[float, float, float | None]:
+        """(images/s, s/step, FLOP/s) over the window."""
+        per_s = max(self.seconds, 1e-9)
+        return self.images / per_s, self.seconds / self.steps, None if self.flops is None else self.flops / per_s
 
 
 def _rng_isolated(iterable):
