@@ -9,7 +9,8 @@ Objective (AIM, El-Nouby et al. 2024): the causal ViT predicts patch i from patc
 the target is each patch's pixels, normalised by the patch's own mean and variance when
 task.norm_pix (as AIM and MAE do: the loss then weighs texture, not brightness); with
 task.prefix_patches = K the first K patches attend both ways and carry no loss, so the loss is
-the mean squared error over patches K .. N-1 only.
+the mean squared error over patches K .. N-1 only. The arithmetic (normalise_patches,
+next_patch_errors) is distvit/models/causal_vit.py's, which CausalViT.loss uses too: one objective.
 
 Sequence parallelism: the model's tokens are split over sp ranks by parallel/parallelize_causal.py
 (through parallel.engine.apply_sequence_parallel; ring: zig-zag layout, so every rank does the same causal work; ulysses: contiguous); its forward
@@ -22,16 +23,10 @@ import torch
 
 from distvit import models
 from distvit.config import Config, ConfigError
+# The objective's arithmetic lives beside the model (pure torch), so that CausalViT.loss and this task are one
+# implementation: per-patch normalised targets and the MSE over the non-prefix patches.
+from distvit.models.causal_vit import NORM_EPS, next_patch_errors, normalise_patches  # noqa: F401 (re-exported)
 from distvit.parallel import comm
-
-NORM_EPS = 1e-6  # MAE's norm_pix_loss epsilon
-
-
-def normalise_patches(patches: torch.Tensor) -> torch.Tensor:
-    """Each patch (last dim) to zero mean and unit variance: the AIM / MAE target."""
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True, unbiased=True) if patches.shape[-1] > 1 else torch.zeros_like(mean)
-    return (patches - mean) / (var + NORM_EPS).sqrt()
 
 
 class NextPatch:
@@ -64,9 +59,7 @@ class NextPatch:
 
     def errors(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-image mean squared error over the predicted (non-prefix) patches: (B,), float32."""
-        k = self.prefix_patches
-        diff = pred[:, k:].float() - target[:, k:].float()
-        return diff.pow(2).mean(dim=(1, 2))
+        return next_patch_errors(pred, target, self.prefix_patches)
 
     def loss(self, pred: torch.Tensor, images: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
         return self.errors(pred, self.targets(model, images)).mean()

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from torch.utils.checkpoint import checkpoint
 
@@ -250,9 +249,15 @@ class CausalViT(nn.Module):
             cache.advance(x.shape[1])
         return self.head(self.norm(x))
 
-    def loss(self, images: torch.Tensor) -> torch.Tensor:
-        """Mean squared error of the next-patch predictions (the training objective)."""
-        return F.mse_loss(self.forward(images), self.patchify(images))
+    def loss(self, images: torch.Tensor, norm_pix: bool = False) -> torch.Tensor:
+        """The training objective on `images`: the mean over images of next_patch_errors (the mean squared
+        error over patches prefix_patches .. N-1; the prefix sees its own targets, so it carries no loss),
+        against per-patch normalised targets when norm_pix. distvit/engine/tasks.py (task.kind=autoregressive)
+        computes the same with the same two functions, on the engine's forward."""
+        target = self.patchify(images)
+        if norm_pix:
+            target = normalise_patches(target)
+        return next_patch_errors(self.forward(images), target, self.prefix_patches).mean()
 
     # -------------------------------------------------------------- incremental decoding
 
@@ -309,6 +314,26 @@ class CausalViT(nn.Module):
             if len(out) < self.num_patches:
                 pred = self.step(pred[:, None], cache)[:, -1]
         return self.unpatchify(torch.stack(out, dim=1))
+
+
+NORM_EPS = 1e-6  # MAE's norm_pix_loss epsilon
+
+
+def normalise_patches(patches: torch.Tensor) -> torch.Tensor:
+    """Each patch (last dim) to zero mean and unit variance, (x - mean) / sqrt(var + NORM_EPS) with the
+    unbiased variance (MAE's norm_pix_loss): the AIM / MAE target. A one-pixel patch has variance 0."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True, unbiased=True) if patches.shape[-1] > 1 else torch.zeros_like(mean)
+    return (patches - mean) / (var + NORM_EPS).sqrt()
+
+
+def next_patch_errors(pred: torch.Tensor, target: torch.Tensor, prefix_patches: int = 0) -> torch.Tensor:
+    """Per-image mean squared error (B,), float32, over the predicted patches prefix_patches .. N-1 of
+    pred and target (B, N, patch_dim). Predictions 0 .. K-1 of a prefix-attention model see patch i
+    when predicting it, so they are not predictions and carry no loss."""
+    k = prefix_patches
+    diff = pred[:, k:].float() - target[:, k:].float()
+    return diff.pow(2).mean(dim=(1, 2))
 
 
 def prefix_bias(prefix_tokens: torch.Tensor, queries: int, keys: int, dtype=torch.float32) -> torch.Tensor:
