@@ -5,8 +5,8 @@
 - ZeRO-2 + CPU offload + EMA: kill -9 of one rank, then --resume auto equals the uninterrupted
   run bitwise (losses and weights);
 - sp = 2 (ring with the zig-zag layout, and ulysses) with ZeRO-2, and dp = 2 with ZeRO-0, 1 and 3,
-  equal a one-process torch AdamW loop on the same images (per-patch normalised targets; prefix
-  attention too for dp);
+  equal the one-process torch AdamW loop trainer_helpers.reference_run on the same images, with the
+  task's next-patch loss (per-patch normalised targets; prefix attention too for dp);
 - config errors: a causal model under task classify, and the other misfits, are one line.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from distvit.config import ConfigError, load_config
-from trainer_helpers import launch, load_weights, losses, read_metrics, run_env, summary
+from trainer_helpers import launch, load_weights, losses, read_metrics, reference_run, run_env, summary
 
 STEPS = 5
 
@@ -33,41 +33,9 @@ def aim_args(digits_dir, run_root, name, *extra):
     return args
 
 
-def reference_run(cfg, steps: int, dp_size: int):
-    """One process, plain torch AdamW, the global batch = every dp rank's micro-batch concatenated."""
-    from distvit.data import build_train_loader
-    from distvit.engine.optim import param_groups
-    from distvit.engine.schedule import build_scheduler
-    from distvit.engine.tasks import NextPatch
-    from distvit.engine.build import build_model, seed_all
-
-    seed_all(cfg.run.seed)
-    model = build_model(cfg)
-    task = NextPatch.from_config(cfg)
-    o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, foreach=False)
-    sched = build_scheduler(opt, total_steps=steps, warmup_steps=cfg.schedule.warmup_steps, kind=cfg.schedule.kind,
-                            peak_lr=o.lr, min_lr=cfg.schedule.min_lr)
-    iters = []
-    for r in range(dp_size):
-        loader = build_train_loader(cfg.data, dp_rank=r, dp_size=dp_size, seed=cfg.run.seed)
-        loader.set_epoch(0)
-        iters.append(iter(loader))
-    step_losses = []
-    for _ in range(steps):
-        images = torch.cat([next(it)[0] for it in iters])
-        loss = task.loss(model(images), images, model)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step_losses.append(loss.item())
-    return model.state_dict(), step_losses
-
-
 def _equals_reference(run_dir, args, dp_size):
     cfg = load_config("aim_digits", args[3::2])
+    # trainer_helpers.reference_run takes the task's loss (engine.tasks.NextPatch) under task.kind=autoregressive
     ref_state, ref_losses = reference_run(cfg, STEPS, dp_size)
     got = load_weights(run_dir / "model.safetensors")
     assert set(got) == set(ref_state)

@@ -15,26 +15,25 @@ epoch; 3 steps), then 2 ranks as 2 dp (84 left: 10 steps of 8; 2 steps).
 Checks: the loader state every rank saved equals that of a plain in-process loop that takes
 the same path (so the trainer consumed exactly those batches); over the three phases every sample of
 the epoch is seen exactly once; and every step's loss and the final weights equal plain torch AdamW
-on one process, fed each phase's global batch (every rank's batch concatenated), from the same
-initial weights, through the same two reshapes.
+on one process (trainer_helpers.reference_run), fed every rank's batch of each phase (the mean of the
+per-rank losses, as DeepSpeed averages the gradients), from the same initial weights, through the same
+two reshapes.
 """
 from __future__ import annotations
 
 import json
-import warnings
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from distvit.checkpoint import io as ckio
 from distvit.config import load_config
 from distvit.data import remap
 from distvit.data.synthetic import decode_index, write_synthetic
 from ops.harness import train_args
-from trainer_helpers import launch, load_weights, losses, run_env
+from trainer_helpers import launch, load_weights, losses, reference_run, run_env
 
 # (ranks, sp size, last step of the phase); the last phase ends the run (run.max_steps).
 ELASTIC = [(2, 1, 3), (3, 1, 5), (2, 1, 11)]
@@ -57,46 +56,18 @@ def args_for(data: Path, root: Path, total: int, *extra: str) -> list[str]:
 
 
 def reference(cfg, phases, carry: bool = True) -> tuple[dict, list[float], list[list[dict]], list[int]]:
-    """Plain torch AdamW through the three phases: (weights, per-step losses, each phase's loader states
-    at its end, every sample index seen). The data of phase k+1 is the rest of phase k's epoch re-split
-    (carry=False: the epoch restarted from its first batch, as reshape did before it carried the cursor)."""
-    from distvit.data import build_train_loader
-    from distvit.engine.optim import param_groups
-    from distvit.engine.schedule import build_scheduler
-    from distvit.engine.build import build_model, seed_all
-
-    seed_all(cfg.run.seed)
-    model = build_model(cfg)
-    o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, foreach=False)
-    sched = build_scheduler(opt, total_steps=phases[-1][-1], warmup_steps=cfg.schedule.warmup_steps, kind=cfg.schedule.kind,
-                            peak_lr=o.lr, min_lr=cfg.schedule.min_lr, decay_fraction=cfg.schedule.decay_fraction)
-    step, state, step_losses, phase_states, seen = 0, None, [], [], []
-    for ranks, sp, last in phases:
-        loaders = []
-        for r in range(ranks // sp):
-            loader = build_train_loader(cfg.data, dp_rank=r, dp_size=ranks // sp, seed=cfg.run.seed)
-            if state is not None and carry:
-                loader.load_state_dict(state)
-            loader.set_epoch(0)
-            loaders.append(loader)
-        iters = [iter(lo) for lo in loaders]
-        for _ in range(last - step):
-            xs, ys = zip(*(next(it) for it in iters))
-            seen += [i for x in xs for i in decode_index(x)]  # mean 0, std 1: the pixels as stored
-            loss = F.cross_entropy(model(torch.cat(xs)), torch.cat(ys), label_smoothing=o.label_smoothing)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step_losses.append(loss.item())
-        step = last
-        states = [json.loads(json.dumps(lo.state_dict())) for lo in loaders]
-        del iters
-        phase_states.append(states)
-        state = remap.reshaped_state(states)
-    return model.state_dict(), step_losses, phase_states, seen
+    """trainer_helpers.reference_run (plain torch AdamW) through the phases: (weights, per-step losses, each
+    phase's loader states at its end, every sample index seen). The data of phase k+1 is the rest of phase
+    k's epoch re-split (carry=False: the epoch restarted from its first batch, as reshape did before it
+    carried the cursor)."""
+    (ranks, sp, last), *rest = phases
+    reshapes = [(r // s, end - start) for (r, s, end), (*_, start) in zip(rest, phases)]
+    phase_states, seen = [], []
+    weights, step_losses = reference_run(
+        cfg, last, ranks // sp, total_steps=phases[-1][-1], reshapes=reshapes, carry_data=carry,
+        on_batch=lambda r, x, y: seen.extend(decode_index(x)),  # mean 0, std 1: the pixels as stored
+        on_phase_end=phase_states.append)
+    return weights, step_losses, phase_states, seen
 
 
 def saved_states(tag: Path, ranks: int) -> list[dict]:

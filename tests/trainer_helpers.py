@@ -76,34 +76,49 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def reference_run(cfg, steps: int, dp_size: int = 2, *, teacher=None, total_steps: int | None = None,
-                  start_step: int = 0, epoch: int = 0, setup=None, data_state: dict | None = None):
+                  start_step: int = 0, epoch: int = 0, setup=None, data_state: dict | None = None,
+                  reshapes: list[tuple[int, int]] = (), carry_data: bool = True, on_batch=None, on_phase_end=None):
     """The one plain-torch reference loop the Trainer is compared against: one process, no DeepSpeed.
 
     Each step takes parallel.grad_accum micro-batches from each of dp_size loaders (the ones the ranks
     would read) and backpropagates each micro-batch's loss / (accum * dp_size): DeepSpeed's gradient,
-    the mean over ranks of the accumulated micro-batch gradients / accum. The loss is
-    distvit.engine.loss's, the one the Trainer uses: cross_entropy with optim.label_smoothing (soft
-    targets under data.mixup / cutmix, mixed with the draws the Trainer keys by step, micro-batch and
-    dp rank), or distillation_loss against `teacher` (a frozen model) with cfg.distill's kind, alpha
-    and tau. Then clipping (optim.clip_mode: the global norm, or each element), torch AdamW
-    (foreach=False) over the weight-decay or layer-decay groups, the lr schedule.
+    the mean over ranks of the accumulated micro-batch gradients / accum. The loss is the Trainer's:
+    under task.kind=autoregressive the task's (distvit.engine.tasks.NextPatch: next-patch MSE on the
+    images), else distvit.engine.loss's cross_entropy with optim.label_smoothing (soft targets under
+    data.mixup / cutmix, mixed with the draws the Trainer keys by step, micro-batch and dp rank), or
+    distillation_loss against `teacher` (a frozen model) with cfg.distill's kind, alpha and tau. Then
+    clipping (optim.clip_mode: the global norm, or each element), torch AdamW (foreach=False) over the
+    weight-decay or layer-decay groups, the lr schedule.
 
-    total_steps: the schedule's length (default steps); start_step: schedule steps already taken;
-    epoch: the loaders' epoch; setup(model, opt): called before the first step (e.g. to load weights
-    and Adam moments); data_state: a loader state every loader resumes from (e.g. the rest of an epoch
-    a reshaped checkpoint carries, data/remap.py). model.freeze is applied. Returns (state dict, per-step losses).
+    total_steps: the schedule's length (default: every step this call takes); start_step: schedule
+    steps already taken; epoch: the loaders' epoch; setup(model, opt): called before the first step
+    (e.g. to load weights and Adam moments); data_state: a loader state every loader resumes from
+    (e.g. the rest of an epoch a reshaped checkpoint carries, data/remap.py). model.freeze is applied.
+
+    reshapes: [(dp size, steps), ...] phases that follow the first (dp_size, steps) one, as an elastic
+    resume on another world size does: each phase's loaders resume from the previous phase's loader
+    states re-split (data/remap.py's reshaped_state), or with carry_data=False from the epoch's start
+    (what reshape did before it carried the cursor). on_batch(dp_rank, x, y): called with each batch as
+    a loader gives it (before mixup), ranks in order; on_phase_end(states): with each phase's loader
+    states at its end (JSON-round-tripped, as a checkpoint keeps them).
+    Returns (state dict, per-step losses).
     """
-    from distvit.data import build_train_loader
+    import json
+
+    from distvit.data import build_train_loader, remap
     from distvit.data.mixup import build_mixer
     from distvit.engine.loss import cross_entropy, distillation_loss
     from distvit.engine.optim import freeze_parameters, layer_decay_groups, param_groups
     from distvit.engine.schedule import build_scheduler
+    from distvit.engine.tasks import NextPatch
     from distvit.engine.build import build_model, seed_all
 
     o = cfg.optim
     assert o.name == "adamw", f"the reference loop runs AdamW, not optim.name={o.name}"
+    phases = [(dp_size, steps), *reshapes]
     seed_all(cfg.run.seed)
     model = build_model(cfg)
+    task = NextPatch.from_config(cfg)  # None: classification
     if cfg.model.freeze:
         freeze_parameters(model, cfg.model.freeze)
     if teacher is not None and hasattr(model, "set_distilled_training"):
@@ -111,53 +126,70 @@ def reference_run(cfg, steps: int, dp_size: int = 2, *, teacher=None, total_step
     groups = (layer_decay_groups(model, o.weight_decay, o.lr, o.layer_decay) if o.layer_decay is not None
               else param_groups(model, o.weight_decay))
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=False)
-    sched = build_scheduler(opt, total_steps=total_steps or steps, warmup_steps=cfg.schedule.warmup_steps,
-                            kind=cfg.schedule.kind, peak_lr=o.lr, min_lr=cfg.schedule.min_lr)
+    sched = build_scheduler(opt, total_steps=total_steps or sum(n for _, n in phases),
+                            warmup_steps=cfg.schedule.warmup_steps, kind=cfg.schedule.kind, peak_lr=o.lr,
+                            min_lr=cfg.schedule.min_lr, decay_fraction=cfg.schedule.decay_fraction)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": on purpose
         for _ in range(start_step):
             sched.step()
     if setup is not None:
         setup(model, opt)
-    mixer = build_mixer(cfg.data, model.num_classes)
-    iters = []
-    for r in range(dp_size):
-        loader = build_train_loader(cfg.data, dp_rank=r, dp_size=dp_size, seed=cfg.run.seed)
-        if data_state is not None:
-            loader.load_state_dict(data_state)
-            assert loader.epoch == epoch and loader.stats()["step_in_epoch"] == 0
-        loader.set_epoch(epoch)
-        iters.append(iter(loader))
+    mixer = build_mixer(cfg.data, getattr(model, "num_classes", None))
     accum = cfg.parallel.grad_accum
     params = [p for p in model.parameters() if p.requires_grad]
-    step_losses = []
-    for step in range(start_step, start_step + steps):
-        total = 0.0
-        for micro in range(accum):
-            for r in range(dp_size):
-                x, y = next(iters[r])
-                if mixer is not None:
-                    x, y = mixer(x.clone(), y, mixer.draws(cfg.run.seed, step, micro, r))
-                out = model(x)
-                if teacher is None:
-                    loss = cross_entropy(out, y, o.label_smoothing)
-                else:
-                    with torch.no_grad():
-                        teacher_logits = teacher(x)
-                    cls_logits, dist_logits = out if isinstance(out, tuple) else (out, out)
-                    loss = distillation_loss(cls_logits, dist_logits, teacher_logits, y, kind=cfg.distill.kind,
-                                             alpha=cfg.distill.alpha, tau=cfg.distill.tau,
-                                             label_smoothing=o.label_smoothing)
-                (loss / (accum * dp_size)).backward()
-                total += loss.item() / (accum * dp_size)
-        if o.grad_clip is not None and o.clip_mode == "value":
-            for p in params:
-                if p.grad is not None:
-                    p.grad.clamp_(-o.grad_clip, o.grad_clip)
-        elif o.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step_losses.append(total)
+    step_losses, first, carried = [], start_step, None
+    for phase, (dp, n_steps) in enumerate(phases):
+        loaders = []
+        for r in range(dp):
+            loader = build_train_loader(cfg.data, dp_rank=r, dp_size=dp, seed=cfg.run.seed)
+            if phase == 0 and data_state is not None:
+                loader.load_state_dict(data_state)
+                assert loader.epoch == epoch and loader.stats()["step_in_epoch"] == 0
+            elif carried is not None and carry_data:
+                loader.load_state_dict(carried)
+            loader.set_epoch(epoch)
+            loaders.append(loader)
+        iters = [iter(lo) for lo in loaders]
+        for step in range(first, first + n_steps):
+            total = 0.0
+            for micro in range(accum):
+                for r in range(dp):
+                    x, y = next(iters[r])
+                    if on_batch is not None:
+                        on_batch(r, x, y)
+                    if mixer is not None:
+                        x, y = mixer(x.clone(), y, mixer.draws(cfg.run.seed, step, micro, r))
+                    out = model(x)
+                    if task is not None:
+                        loss = task.loss(out, x, model)
+                    elif teacher is None:
+                        loss = cross_entropy(out, y, o.label_smoothing)
+                    else:
+                        with torch.no_grad():
+                            teacher_logits = teacher(x)
+                        cls_logits, dist_logits = out if isinstance(out, tuple) else (out, out)
+                        loss = distillation_loss(cls_logits, dist_logits, teacher_logits, y, kind=cfg.distill.kind,
+                                                 alpha=cfg.distill.alpha, tau=cfg.distill.tau,
+                                                 label_smoothing=o.label_smoothing)
+                    (loss / (accum * dp)).backward()
+                    total += loss.item() / (accum * dp)
+            if o.grad_clip is not None and o.clip_mode == "value":
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.clamp_(-o.grad_clip, o.grad_clip)
+            elif o.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step_losses.append(total)
+        first += n_steps
+        if on_phase_end is None and phase + 1 == len(phases):
+            continue  # nobody reads the last states
+        states = [json.loads(json.dumps(lo.state_dict())) for lo in loaders]
+        del iters
+        if on_phase_end is not None:
+            on_phase_end(states)
+        carried = remap.reshaped_state(states)
     return model.state_dict(), step_losses
