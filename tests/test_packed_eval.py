@@ -220,12 +220,15 @@ def test_trainer_packed_eval_equals_each_image_alone_and_eval_of_its_checkpoint(
     # distvit eval of the run folder (model.safetensors) and of its last ZeRO-2 checkpoint folder (the shards of
     # both ranks consolidated in memory): the same numbers as the Trainer's.
     tag = run_dir / "checkpoints" / ckio.tag_for_step(steps)
+    files = sorted(p.name for p in tag.iterdir())
+    assert any(f.startswith("zero_pp_rank_1") for f in files)  # the ZeRO-2 shards of both ranks
     results = []
     for src, out in ((run_dir, run_dir / "eval"), (tag, run_dir / "eval" / tag.name)):
         assert eval_main(["--checkpoint", str(src), "--device", "cpu"]) == 0
         assert f"numbers: {out / 'eval.json'}" in capsys.readouterr().out  # a checkpoint's eval goes under <run>/eval/
         results.append(json.loads((out / "eval.json").read_text()))
     assert results[0]["confusion"] == results[1]["confusion"] and results[1]["weights"] == str(tag)
+    assert sorted(p.name for p in tag.iterdir()) == files  # consolidated in memory: nothing written there
     assert results[0]["classes"] == list(PETS) and results[0]["count"] == ref["count"] == len(images)
     assert results[0]["top1"] == pytest.approx(float(last["val_top1"]), abs=100 * ref["ties"] / ref["count"] + 1e-9)
     # A folder that is neither a run nor a checkpoint: one line.
