@@ -56,7 +56,8 @@ def debug() -> bool:
 def _named_user_errors() -> tuple[type, ...]:
     names = [("distvit.config", "ConfigError"), ("distvit.data.errors", "DataError"),
              ("distvit.checkpoint.cli", "CheckpointError"), ("distvit.checkpoint.reshape", "ReshapeError"),
-             ("distvit.models.weights", "WeightsMismatchError"), ("distvit.engine.trainer", "TrainingDiverged")]
+             ("distvit.models.weights", "WeightsMismatchError"), ("distvit.engine.trainer", "TrainingDiverged"),
+             ("distvit.checkpoint.io", "DiskFullError"), ("distvit.checkpoint.io", "CheckpointWriteError")]
     found: list[type] = [UserError]
     for module, name in names:
         mod = sys.modules.get(module)  # only what was imported can have been raised

@@ -1,6 +1,8 @@
 """One-line errors everywhere (issue 14): every entry point, single and multi-rank, full disk included."""
+import contextlib
 import errno
 import os
+import re
 import subprocess
 import sys
 import time
@@ -51,22 +53,61 @@ def test_debug_env_adds_the_traceback(digits_dir, tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("distvit: error: run folder")
 
 
-def test_full_disk_is_one_line_naming_the_disk(digits_dir, tmp_path):
-    """A 1 MiB tmpfs as the output disk: the checkpoint save fills it (torch's writer fails in C++)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+@contextlib.contextmanager
+def _tmpfs(path, size):
+    """A small tmpfs at path (needs root); skips the test where it cannot be mounted."""
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                                            capture_output=True).returncode != 0:
         pytest.skip("needs root to mount a small tmpfs")
     try:
-        proc = _run(DISTVIT + ["train", *_train_args(digits_dir, tmp_path, f"run.output_dir={mnt}")])
+        yield path
     finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_full_disk_is_one_line_naming_the_disk(digits_dir, tmp_path):
+    """A 1 MiB tmpfs as the output disk: DeepSpeed's torch.save of the first checkpoint fills it (torch's
+    C++ writer fails with "basic_ios::clear: iostream error", then "unexpected pos"): one line naming the
+    checkpoint folder, the bytes it needs (no checkpoint yet: the model and optimizer state) and the free bytes."""
+    with _tmpfs(tmp_path / "mnt", "1m") as mnt:
+        proc = _run(DISTVIT + ["train", *_train_args(digits_dir, tmp_path, f"run.output_dir={mnt}")])
+        partial = sorted(p.name for p in (mnt / "e/checkpoints/step_00000002").iterdir())
     assert proc.returncode == 2
-    line = proc.stderr.strip().splitlines()[-1]
-    assert len([x for x in proc.stderr.splitlines() if "error" in x.lower()]) == 1, proc.stderr[-3000:]
-    assert line.startswith("distvit: error: ") and "basic_ios" not in line
-    assert f"({mnt}/e has 0 MiB free)" in line and "point run.output_dir at a larger disk" in line
+    line = _one_error_line(proc)
+    assert "basic_ios" not in proc.stderr and "Traceback" not in proc.stderr
+    assert line.startswith(f"distvit: error: disk full writing a checkpoint in {mnt}/e/checkpoints/step_00000002: "
+                           f"it needs "), line
+    assert re.search(r"it needs (\d+) bytes \(the model and optimizer state\), (\d+) bytes are free "
+                     r"\((\d+) when the save began\)", line), line
+    need, free, before = map(int, re.search(r"needs (\d+) bytes .*?, (\d+) bytes are free \((\d+)", line).groups())
+    assert 2_000_000 < need < 2_500_000  # vit_digits, ZeRO-2 fp32: the checkpoint takes 2.23 MB
+    assert free < 64 << 10 and before < 1 << 20
+    assert "point run.output_dir at a larger disk" in line and "(the last complete checkpoint, none yet, stays `latest`)" in line
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in partial  # DeepSpeed's own torch.save hit the full disk
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_disk_full_at_the_second_checkpoint_keeps_latest_on_the_first(digits_dir, tmp_path, mode):
+    """A 3 MiB tmpfs holds one checkpoint (2.23 MB) but not two: the second save fails in torch's writer
+    (DeepSpeed's engine, or our background writer under checkpoint.async); the line names the previous
+    checkpoint's size as the bytes needed, and `latest` stays on the first, complete checkpoint."""
+    with _tmpfs(tmp_path / "mnt", "3m") as mnt:
+        proc = _run(DISTVIT + ["train", *_train_args(digits_dir, tmp_path, f"run.output_dir={mnt}", "checkpoint.every_steps=1",
+                                                      f"checkpoint.async={mode == 'async'}")])
+        from distvit.checkpoint import io as ckio
+
+        root = mnt / "e" / "checkpoints"
+        first = root / "step_00000001"
+        size = sum(f.stat().st_size for f in first.rglob("*") if f.is_file())
+        latest, complete = ckio.read_latest(root), ckio.is_complete(first)
+        second_complete = ckio.is_complete(root / "step_00000002")
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert line.startswith(f"distvit: error: disk full writing a checkpoint in {root}/step_00000002: "
+                           f"it needs {size} bytes (the size of step_00000001), "), line
+    assert re.search(r", \d+ bytes are free", line) and "(the last complete checkpoint, step_00000001, stays `latest`)" in line
+    assert latest == "step_00000001" and complete and not second_complete
 
 
 @pytest.mark.multirank

@@ -17,7 +17,8 @@ state and would point at a checkpoint that may never finish.
 COMPLETE lists every file's size (checked whenever completeness is asked) and sha256 (checked by
 `distvit ckpt verify`), so a file truncated or damaged after the save is not taken as complete.
 Files are created with the user's umask (mkstemp's 0600 is widened), and a full disk is one line
-naming the folder and the bytes needed; `latest` stays on the last complete checkpoint.
+naming the folder, the bytes needed and the bytes free (`save_failed`: torch's C++ writer reports it
+as a RuntimeError without an errno); `latest` stays on the last complete checkpoint.
 """
 from __future__ import annotations
 
@@ -54,25 +55,94 @@ def rank_state_files(rank: int) -> list[str]:
 
 
 class DiskFullError(OSError):
-    """No space left while writing a checkpoint: the message names the folder and the bytes needed."""
+    """No space left while writing a checkpoint: the message names the folder, the bytes needed and free."""
+
+    def __str__(self) -> str:  # the sentence alone, without OSError's "[Errno 28]"
+        return self.strerror or super().__str__()
 
 
-def disk_full(folder: Path, needed: int | None) -> DiskFullError:
+# How torch's C++ zip writer (torch.save, DeepSpeed's checkpoint engine) reports a write that failed:
+# the errno is lost, a full disk reads "basic_ios::clear: iostream error", "PytorchStreamWriter failed
+# writing file ...: file write failed" or, at the end of the archive, "unexpected pos N vs M".
+TORCH_WRITE_FAILED = ("iostream error", "PytorchStreamWriter failed", "file write failed", "unexpected pos")
+
+
+def _chain(exc: BaseException | None):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _no_space(exc: BaseException) -> bool:
+    return any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _chain(exc))
+
+
+def write_failed(exc: BaseException) -> bool:
+    """exc (or one it was raised while handling) is a failed write: ENOSPC/EDQUOT, or torch's writer failing."""
+    return _no_space(exc) or any(isinstance(e, RuntimeError) and any(s in str(e) for s in TORCH_WRITE_FAILED)
+                                 for e in _chain(exc))
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free bytes on the filesystem holding folder (its nearest existing parent), None if unknown."""
     folder = Path(folder)
+    probe = next((p for p in [folder, *folder.parents] if p.exists()), None)
     try:
-        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+        return shutil.disk_usage(probe).free if probe is not None else None
     except OSError:
-        free = None
+        return None
+
+
+def disk_full(folder: Path, needed: int | None, *, basis: str | None = None, free: int | None = None,
+              free_before: int | None = None) -> DiskFullError:
+    """The one-line error for a full disk under a checkpoint folder; basis says where `needed` comes from."""
+    folder = Path(folder)
+    free = free_bytes(folder) if free is None else free
     need = f"{needed} bytes" if needed is not None else "more space"
+    if needed is not None and basis:
+        need += f" ({basis})"
     root = folder.parent if step_of(folder.name) is not None else folder
     latest = read_latest(root) if root.is_dir() else None
+    had = f" ({free_before} when the save began)" if free_before is not None and free_before != free else ""
     return DiskFullError(
         errno.ENOSPC,
         f"disk full writing a checkpoint in {folder}: it needs {need}"
-        + (f", {free} bytes are free" if free is not None else "")
-        + f"; free space there or lower checkpoint.keep (the last complete checkpoint, "
-        f"{latest or 'none yet'}, stays `latest`)",
+        + (f", {free} bytes are free{had}" if free is not None else "")
+        + f"; free space there, lower checkpoint.keep or point run.output_dir at a larger disk (the last "
+        f"complete checkpoint, {latest or 'none yet'}, stays `latest`)",
+        str(folder),
     )
+
+
+class CheckpointWriteError(OSError):
+    """torch's writer failed with room on the disk (a folder removed while writing, an I/O error)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+ROOMY = 64 << 20  # free bytes beyond which a write failure without an errno is not called a full disk
+
+
+def save_failed(folder: Path, exc: BaseException, *, needed: int | None = None, basis: str | None = None,
+                free: int | None = None, free_before: int | None = None) -> OSError | None:
+    """The one-line error for a checkpoint write that failed with exc, or None if exc is not a failed write.
+
+    ENOSPC/EDQUOT is a full disk. torch's C++ writer loses the errno: its failure is a full disk when
+    what is left free (measured before anything written is removed) is under what the save needs
+    (or 64 MiB when that is not known), and otherwise a write error that says how much is free."""
+    if not write_failed(exc):
+        return None
+    free = free_bytes(folder) if free is None else free
+    if not _no_space(exc) and free is not None and free >= max(needed or 0, ROOMY):
+        text = next(str(e) for e in _chain(exc) if isinstance(e, RuntimeError))
+        return CheckpointWriteError(
+            errno.EIO, f"writing a checkpoint in {folder} failed (torch: {' '.join(text.split())[:120]}) with "
+            f"{free} bytes free, so not for lack of space; check that the folder still exists and the filesystem "
+            f"is healthy (the last complete checkpoint stays `latest`)")
+    return disk_full(folder, needed, basis=basis, free=free, free_before=free_before)
 
 
 def _umask() -> int:
@@ -126,7 +196,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not isinstance(exc, DiskFullError):
+        if not isinstance(exc, DiskFullError) and _no_space(exc):
             raise disk_full(path.parent, len(data)) from None
         raise
     _fsync_dir(path.parent)
@@ -146,9 +216,10 @@ def atomic_torch_save(obj: Any, path: Path, *, zipfile: bool = True) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
+        failed = None if isinstance(exc, DiskFullError) else save_failed(path.parent, exc)  # before the unlink
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not isinstance(exc, DiskFullError):
-            raise disk_full(path.parent, None) from None
+        if failed is not None:
+            raise failed from None
         raise
     _fsync_dir(path.parent)
 

@@ -12,7 +12,6 @@ host memory and leaves the writing to a thread (checkpoint/async_save.py).
 from __future__ import annotations
 
 import copy
-import errno
 from pathlib import Path
 
 from distvit.checkpoint import async_save, elastic
@@ -101,29 +100,53 @@ class CheckpointManager:
         if (tag_dir in self.saved_tags or tag_dir == t.resume_from) and ckio.is_complete(tag_dir):
             return tag_dir
         ckresume.clear_stale(t, tag_dir, log0)
+        free_before = ckio.free_bytes(t.ckpt_root)
         try:
             t.engine.save_checkpoint(str(t.ckpt_root), tag=tag_dir.name, save_latest=False,
                                      client_state={"distvit_step": t.step, "distvit_epoch": t.epoch})
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:  # the previous checkpoint's size is what this one needs
-                prev = ckio.complete_checkpoints(t.ckpt_root)
-                need = sum(f.stat().st_size for f in prev[-1].rglob("*") if f.is_file()) if prev else None
-                raise ckio.disk_full(tag_dir, need) from None
+            fields, tensors = ckstate.rank_state(step=t.step, epoch=t.epoch, best=t.best,
+                                                 data=t.train_loader.state_dict(), device=t.device, ema=t.ema)
+            self.saved_tags.add(tag_dir)
+            if self.is_async:
+                self._submit(tag_dir, copy.deepcopy(fields), async_save.snapshot(tensors))
+                return tag_dir
+            ckstate.save(tag_dir, ckstate.rank_stem(t.rank), fields, tensors)
+        except Exception as exc:
+            self._raise_if_disk_full(tag_dir, exc, free_before)
             raise
-        fields, tensors = ckstate.rank_state(step=t.step, epoch=t.epoch, best=t.best,
-                                             data=t.train_loader.state_dict(), device=t.device, ema=t.ema)
-        self.saved_tags.add(tag_dir)
-        if self.is_async:
-            self._submit(tag_dir, copy.deepcopy(fields), async_save.snapshot(tensors))
-            return tag_dir
-        ckstate.save(tag_dir, ckstate.rank_stem(t.rank), fields, tensors)
         faults.maybe_kill("crash_in_save", t.step)
         ddist.barrier()
         if t.is_main:
-            ckio.mark_complete(tag_dir, self._meta())
+            try:
+                ckio.mark_complete(tag_dir, self._meta())
+            except Exception as exc:
+                self._raise_if_disk_full(tag_dir, exc, free_before)
+                raise
             ckio.prune(t.ckpt_root, t.cfg.checkpoint.keep)
         ddist.barrier()
         return tag_dir
+
+    def _raise_if_disk_full(self, tag_dir: Path, exc: BaseException, free_before: int | None) -> None:
+        """A failed write becomes the one-line error (checkpoint/io.py, save_failed) with what the
+        checkpoint needs; `latest` has not moved. torch's writer reports a full disk as a RuntimeError
+        ("basic_ios::clear: iostream error", "unexpected pos"), an atomic write as ENOSPC."""
+        needed, basis = self.bytes_needed(exclude=tag_dir)
+        failed = ckio.save_failed(tag_dir, exc, needed=needed, basis=basis, free_before=free_before)
+        if failed is not None:
+            raise failed from None
+
+    def bytes_needed(self, exclude: Path | None = None) -> tuple[int | None, str | None]:
+        """What one checkpoint takes on disk: the previous complete one's size, or, before the first,
+        this run's model and optimizer state (every rank's, as the ZeRO stage spreads it)."""
+        prev = [p for p in ckio.complete_checkpoints(self.t.ckpt_root) if p != exclude]
+        if prev:
+            size = sum(f.stat().st_size for f in prev[-1].rglob("*") if f.is_file())
+            return size, f"the size of {prev[-1].name}"
+        try:
+            return state_bytes(self.t.engine, self.t.mesh.world_size, self.t.cfg.parallel.zero_stage), \
+                "the model and optimizer state"
+        except Exception:  # an estimate only: never hide the error it is for
+            return None, None
 
     def _submit(self, tag_dir: Path, fields: dict, tensors: dict) -> None:
         t = self.t
@@ -146,7 +169,11 @@ class CheckpointManager:
     def wait(self) -> None:
         """Every rank: the previous background write is finished; then all ranks meet."""
         if self._writer is not None:
-            self._writer.wait()
+            try:
+                self._writer.wait()
+            except ckio.DiskFullError as exc:  # the writer thread knew the file, not what the checkpoint needs
+                needed, basis = self.bytes_needed()
+                raise ckio.disk_full(Path(exc.filename or self.t.ckpt_root), needed, basis=basis) from None
             ddist.barrier()
 
     def writing(self) -> bool:
@@ -160,3 +187,22 @@ class CheckpointManager:
             self._writer.close()
             self._writer = None
             self.t.engine.checkpoint_engine = self._snapshots.base
+
+
+def state_bytes(engine, world_size: int, zero_stage: int) -> int:
+    """About what DeepSpeed writes for this engine: the model's parameters and buffers, and the
+    optimizer's state (with ZeRO its fp32 partition too), the latter once per rank under ZeRO."""
+    import torch
+
+    def nbytes(x) -> int:
+        return x.numel() * x.element_size() if torch.is_tensor(x) else 0
+
+    module = engine.module
+    model = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters())
+    model += sum(nbytes(b) for b in module.buffers())
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    optim = 0
+    for group in getattr(base, "param_groups", []):
+        for p in group["params"]:
+            optim += (nbytes(p) if zero_stage > 0 else 0) + sum(nbytes(v) for v in base.state.get(p, {}).values())
+    return model + optim * (world_size if zero_stage > 0 else 1)
