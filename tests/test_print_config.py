@@ -58,7 +58,13 @@ def test_refusals_are_one_line_before_start_up(capsys, monkeypatch):
                                 "run.device=cuda")
     assert rc == 2 and out == ""
     assert err.strip() == ("distvit: error: data.repeated_aug=3 repeats each sample on that many different ranks, "
-                           "but there are 1 data-parallel ranks; set data.repeated_aug <= 1 (1: off)")
+                           "but there are 1 data-parallel ranks; set data.repeated_aug <= 1 (1: off) "
+                           "(--print-config resolved for this launch, one process; preview N ranks with "
+                           "RANK=0 WORLD_SIZE=N, a GPU launch with --set run.device=cuda)")
+    # the launch the recipe is for resolves
+    rc, out, err = print_config(capsys, monkeypatch, "--config", "recipes/deit_small_imagenet", "--set",
+                                "run.device=cuda", world=8)
+    assert rc == 0 and out.startswith("# resolved for device cuda, world size 8, launcher torch; "), err
     rc, _, err = print_config(capsys, monkeypatch, "--config", "demo_digits", "--set", "run.device=cpu",
                               "--set", "parallel.sp_size=4", world=6)
     assert rc == 2 and err.startswith("distvit: error: parallel.sp_size=4 does not divide the world size 6")

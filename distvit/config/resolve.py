@@ -116,7 +116,14 @@ def print_config(cfg: Config) -> str:
     The launch is this one: the world size from the launcher's environment (one process alone;
     `RANK=0 WORLD_SIZE=8` previews 8 ranks), the device from run.device (`--set run.device=cuda`
     resolves for a GPU without one here)."""
-    resolved, line, launch = for_launch(cfg, preview=True)
+    try:
+        resolved, line, launch = for_launch(cfg, preview=True)
+    except ConfigError as e:
+        if launch_of(cfg, preview=True).launcher != "single":
+            raise
+        # a recipe for many GPUs previewed as one process: say how to preview the launch it is for
+        raise ConfigError(f"{e} (--print-config resolved for this launch, one process; preview N ranks "
+                          "with RANK=0 WORLD_SIZE=N, a GPU launch with --set run.device=cuda)") from None
     sp = cfg.parallel.sp_size
     ranks = f"world size {launch.world_size}" + (f" (dp {launch.dp_size} x sp {sp})" if sp > 1 else "")
     head = [f"# resolved for device {launch.device.type}, {ranks}, launcher {launch.launcher}; {line}"]
