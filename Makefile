@@ -51,7 +51,7 @@ data/digits/dataset.json: | $(VENV)/.installed
 # torchrun, not the `deepspeed` launcher: torchrun passes SIGTERM on to every rank (they save and
 # exit); the single-host `deepspeed` runner dies alone and leaves its ranks training (docs/reliability.md).
 demo: $(VENV)/.installed data/digits/dataset.json
-	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(DEMO_RANKS) --master-port $$($(PY) -c 'import distvit.parallel.mesh as d; print(d.free_port())') \
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/bin/distvit torchrun --nproc-per-node $(DEMO_RANKS) --master-port $$($(PY) -c 'import distvit.parallel.mesh as d; print(d.free_port())') \
 		launch/train.py --config configs/demo_digits.yaml --set run.name=$(RUN_NAME) --set run.epochs=$(DEMO_EPOCHS)
 	$(PY) -m distvit.run_link runs/$(RUN_NAME) $(DEMO_LINK)
 

@@ -1,6 +1,7 @@
 """`distvit` command line: one console script, one subcommand per job.
 
     distvit train --config configs/demo_digits.yaml [--set optim.lr=3e-3 ...] [--resume auto]
+    distvit torchrun --nproc-per-node 2 launch/train.py --config ...   # torchrun, failures in one line
     distvit data write digits --out data/digits
     distvit data verify 'data/digits/train-{000000..000003}.tar'
     distvit ckpt inspect runs/demo_digits/checkpoints
@@ -60,6 +61,66 @@ def _train(argv: list[str] | None) -> int:
     return 0 if summary["status"] in ("finished", "preempted") else 1
 
 
+class _QuietAgent:
+    """Drops the elastic agent's own log lines about a failed or stopped rank: the one line below says it."""
+
+    DROPPED = ("failed (exitcode", "Sending process", "Received ", "Got termination signal")
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.DROPPED)
+
+
+def torchrun(argv: list[str]) -> int:
+    """`distvit torchrun ...`: torchrun itself (torch.distributed.run in this process, the same options and
+    signal handling: SIGTERM/SIGINT go to every rank), except that a failed rank ends it with one line
+    naming the rank and its exit code, under the rank's own error line, instead of torchrun's ChildFailedError
+    traceback (~25 lines). Exit code: the failed rank's (2 for a user error), 128+N for signal N."""
+    from distvit import errors
+
+    return errors.guard("distvit torchrun", _torchrun, argv)
+
+
+def _torchrun(argv: list[str]) -> int:
+    import logging
+    import signal
+
+    from torch.distributed import run as torch_run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from distvit import errors
+
+    if not errors.debug():
+        quiet = _QuietAgent()
+        for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
+            logging.getLogger(name).addFilter(quiet)
+    try:
+        torch_run.main(argv)
+    except ChildFailedError as exc:
+        if errors.debug():
+            print(exc, file=sys.stderr)
+
+        def code(f) -> str:
+            return f"exited with code {f.exitcode}" if f.exitcode >= 0 else f"was killed by {f.signal_name()}"
+
+        # timestamps are whole seconds: a rank that exited by itself comes before one torchrun then stopped
+        order = sorted(exc.failures.items(), key=lambda kv: (kv[1].timestamp, kv[1].exitcode <= 0, kv[0]))
+        (rank, first), rest = order[0], order[1:]
+        stopped = [r for r, f in rest if f.exitcode == -signal.SIGTERM]
+        others = [f"rank {r} {code(f)}" for r, f in rest if r not in stopped]
+        print(f"distvit torchrun: error: rank {rank} {code(first)} (its error is above)"
+              + "".join(f", {o}" for o in others)
+              + (f"; torchrun then stopped rank(s) {', '.join(map(str, stopped))}" if stopped else "")
+              + "; DISTVIT_DEBUG=1 prints the tracebacks", file=sys.stderr, flush=True)
+        return first.exitcode if first.exitcode > 0 else 128 - first.exitcode if first.exitcode < 0 else 1
+    except SignalException as exc:
+        name = signal.Signals(exc.sigval).name
+        print(f"distvit torchrun: stopped by {name}, which every rank was sent (a training rank saves a "
+              f"checkpoint after its step and exits)", file=sys.stderr, flush=True)
+        return 128 + int(exc.sigval)
+    return 0
+
+
 def print_summary(summary: dict) -> None:
     top1 = summary.get("final_top1")
     print(
@@ -79,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {
         "train": ("train a model (see `distvit train --help`)", train),
+        "torchrun": ("torchrun (same options) whose failed rank ends it in one line, e.g. distvit torchrun "
+                     "--nproc-per-node 2 launch/train.py --config ...", torchrun),
         "data": ("write, verify and inspect webdataset shards", lambda a: _lazy("distvit.data.cli", a)),
         "ckpt": ("inspect, consolidate, reshape, verify and prune checkpoints", lambda a: _lazy("distvit.checkpoint.cli", a)),
         "eval": ("top-1/top-5, per-class accuracy, confusion matrix of a run", lambda a: _lazy("distvit.evaluate", a)),
@@ -99,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in commands:
         parser.parse_args(argv)  # prints the error with the valid choices
         return 2
-    if argv[0] == "train":
-        return train(argv[1:])
+    if argv[0] in ("train", "torchrun"):
+        return commands[argv[0]][1](argv[1:])
     from distvit import errors
 
     return errors.guard(f"distvit {argv[0]}", commands[argv[0]][1], argv[1:])

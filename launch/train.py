@@ -2,6 +2,7 @@
 
     python launch/train.py --config configs/demo_digits.yaml            # one process
     torchrun --nproc-per-node 8 launch/train.py --config configs/vit_base_imagenet.yaml
+    distvit torchrun --nproc-per-node 8 launch/train.py ...   # the same; a failed rank ends it in one line
     deepspeed --num_gpus 8 launch/train.py --config ...   # SIGTERM to it alone orphans the ranks: kill its group
     accelerate launch --num_processes 8 launch/train.py --config ...
     mpirun -np 8 python launch/train.py --config ...

@@ -44,6 +44,14 @@ def test_unwritable_output_dir_fails_before_start_up_in_one_line(digits_dir, tmp
     assert took < 120, took  # noisy: imports on a shared machine
 
 
+def test_wrong_data_path_in_one_process_is_one_line(digits_dir, tmp_path):
+    proc = _run(DISTVIT + ["train", *_train_args(digits_dir, tmp_path, f"data.train={tmp_path}/nope-*.tar")])
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    line = _one_error_line(proc)
+    assert line.startswith(f"distvit: error: shard pattern '{tmp_path}/nope-*.tar' matches no shard; check the path"), line
+
+
 def test_debug_env_adds_the_traceback(digits_dir, tmp_path):
     (tmp_path / "afile").write_text("")
     proc = _run([sys.executable, str(ROOT / "launch/train.py"),
