@@ -3,9 +3,16 @@
 # one lacks into one folder (default ./wheelhouse, at most 60 MB), for `make gpu-check` there.
 #
 # The GPU machine is assumed to bring Python 3.12 (x86_64, glibc >= 2.17), its own CUDA torch,
-# triton, timm, accelerate, numpy, pyyaml, safetensors, tqdm, einops, psutil, packaging and mpi4py.
+# triton, timm, accelerate and mpi4py, and what those need: numpy, pillow, pyyaml, safetensors,
+# tqdm, psutil (make gpu-check's preflight names anything missing, in one line, before GPU time).
 # It lacks DeepSpeed (an sdist on PyPI: its wheel is built here, pure Python, DS_BUILD_OPS=0, ops
-# JIT-built there by ninja + nvcc), webdataset, pydantic (+ its binary core) and their small deps.
+# JIT-built there by ninja + nvcc), webdataset, pydantic (+ its binary core), pytest-timeout (the
+# per-test limit of the CUDA tests; pytest itself too, where it is missing) and their small deps,
+# einops (DeepSpeed's, which none of the above brings) and packaging (pytest wants >= 24) included.
+# Not scikit-learn (scipy + scikit-learn: 44 MB of cp312 wheels needing glibc 2.28): the digits
+# shards the CUDA tests train on are written here instead, into OUT/digits (5 MB), and make
+# gpu-check hands them to the tests (DISTVIT_DIGITS_DIR). Not sybil: the gpu run does not collect
+# tests/test_docs.py.
 # Versions are the ones this checkout's venv runs its tests with (read from it, not hard-coded).
 #
 # usage: benchmarks/wheelhouse.sh [PYTHON] [OUT]   (PYTHON: the venv python that holds the pins)
@@ -14,11 +21,13 @@ PY=${1:-.venv/bin/python}
 OUT=${2:-wheelhouse}
 TARGET_PY=${WHEELHOUSE_PYTHON_VERSION:-3.12}
 LIMIT_MB=60
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 version() { "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
 
 # Pure-Python packages: any platform. Binary ones: the target's interpreter and manylinux x86_64.
-PURE=(webdataset braceexpand pydantic annotated-types typing-inspection typing-extensions hjson py-cpuinfo)
+PURE=(webdataset braceexpand pydantic annotated-types typing-inspection typing-extensions hjson py-cpuinfo einops
+      pytest pytest-timeout pluggy iniconfig pygments packaging)
 BINARY=(pydantic-core msgpack ninja)
 
 mkdir -p "$OUT"
@@ -44,6 +53,13 @@ if ! ls "$OUT"/deepspeed-"$(version deepspeed)"-*.whl >/dev/null 2>&1; then
     mv "$tmp"/deepspeed-*.whl "$OUT"/
 fi
 
+# The demo's digits (scikit-learn's 8x8 digits as shards, the same seeded split as everywhere): the
+# CUDA tests' training data, so the GPU machine needs no scikit-learn.
+if [[ ! -f "$OUT/digits/dataset.json" ]]; then
+    PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" DS_ACCELERATOR=cpu "$PY" -c \
+        'import sys; from distvit.data import write_digits; write_digits(sys.argv[1], overwrite=True)' "$OUT/digits"
+fi
+
 # One version of each package only (an older download left in OUT would stop the offline install).
 "$PY" - "$OUT" <<'PY'
 import collections, pathlib, sys
@@ -56,7 +72,7 @@ if dups:
 PY
 
 size_kb=$(du -sk "$OUT" | cut -f1)
-echo "wheelhouse: $(ls "$OUT"/*.whl | wc -l) wheels, $((size_kb / 1024)) MB ($size_kb KiB) in $OUT/"
+echo "wheelhouse: $(ls "$OUT"/*.whl | wc -l) wheels and the digits shards, $((size_kb / 1024)) MB ($size_kb KiB) in $OUT/"
 if (( size_kb > LIMIT_MB * 1024 )); then
     echo "wheelhouse: $OUT/ is over the ${LIMIT_MB} MB limit" >&2
     exit 1
