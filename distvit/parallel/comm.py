@@ -11,7 +11,10 @@ A group with no backend for any device this process has is a set-up error, said 
 
 Everything in distvit that reduces or broadcasts a tensor calls `all_reduce` / `broadcast` /
 `broadcast_many` here (tests/test_device_discipline.py runs them against a group that refuses CPU
-tensors). DeepSpeed's own collectives are DeepSpeed's business.
+tensors). The only direct torch.distributed collectives left are those on activations (sp's
+all-to-all/all-gather/ring, decode merge, gradient sums, shared masks), which already run on the
+activations' device; that test scans distvit/ for any other and lists these with their reasons
+(ALLOWED_DIRECT). DeepSpeed's own collectives are DeepSpeed's business.
 """
 from __future__ import annotations
 
