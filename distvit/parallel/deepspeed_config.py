@@ -66,6 +66,10 @@ def build_ds_config(cfg: Config, device: torch.device, *, elements_per_rank: int
         "zero_allow_untested_optimizer": True,  # we pass torch's AdamW on the CPU
         "steps_per_print": 10**9,  # our own logging; keep DeepSpeed's quiet
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronizes the device at every step's start and end, for a
+        # figure it prints every steps_per_print steps (never, above): two host syncs a step for nothing.
+        # The Trainer times its own read windows. A deepspeed_extra "timers" section turns it back on.
+        "timers": {"throughput": {"enabled": False}},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
     }
