@@ -87,16 +87,19 @@ def main() -> int:
     args = parse()
     os.environ.setdefault("DS_ACCELERATOR", args.device)
     from distvit.config import load_config
-    from distvit.data.write import write_digits
+    from distvit.data.write import write_digits  # only without DISTVIT_DIGITS_DIR (it needs scikit-learn)
     from distvit.engine.metrics import device_peak_tflops
     from distvit.engine.build import build_model, seed_all
     from distvit.engine.trainer import Trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="distvit-mfu-"))
-    write_digits(tmp / "digits")  # the Trainer builds its loaders from shards; batches are fed directly
+    # The Trainer builds its loaders from shards; batches are fed directly. The GPU machine has no
+    # scikit-learn: make gpu-check hands over the digits make wheelhouse wrote (DISTVIT_DIGITS_DIR).
+    digits = os.environ.get("DISTVIT_DIGITS_DIR") or str(write_digits(tmp / "digits").parent)
     cfg = load_config("demo_digits", [
         f"model.name={args.model}", f"model.img_size={args.img_size}", "model.in_chans=3", "model.num_classes=1000",
-        "model.drop_path_rate=0.0", f"data.train={tmp}/digits/train-*.tar", "data.val=null",
+        f"data.img_size={args.img_size}", "data.in_chans=3",
+        "model.drop_path_rate=0.0", f"data.train={digits}/train-*.tar", "data.val=null",
         f"data.batch_size={args.batch}", f"run.output_dir={tmp}/runs", "run.max_steps=1000000",
         f"run.device={args.device}", f"parallel.zero_stage={args.zero_stage}", f"parallel.precision={args.precision}",
         "log.progress=false", "log.tensorboard=false", "schedule.warmup_steps=0", "schedule.kind=constant",

@@ -21,7 +21,16 @@ def timm_module():
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
-    """The demo's digits shards, written once per test session (read-only for the tests)."""
+    """The demo's digits shards, written once per test session (read-only for the tests), or
+    DISTVIT_DIGITS_DIR when set: make gpu-check sets it to the copy make wheelhouse wrote, as the GPU
+    machine has no scikit-learn to write them."""
+    shipped = os.environ.get("DISTVIT_DIGITS_DIR")
+    if shipped:
+        from pathlib import Path
+
+        if not (Path(shipped) / "dataset.json").is_file():
+            pytest.fail(f"DISTVIT_DIGITS_DIR={shipped} holds no dataset.json; run make wheelhouse again")
+        return Path(shipped)
     from distvit.data import write_digits
 
     out = tmp_path_factory.mktemp("digits")

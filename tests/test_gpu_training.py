@@ -9,7 +9,6 @@ The `cpu` variants run the same bodies in CI on DeepSpeed's CPU accelerator.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -19,22 +18,6 @@ from gpu_helpers import DEVICES
 from trainer_helpers import launch, losses, read_metrics, run_env, summary
 
 STEPS = 50
-
-
-@pytest.fixture(scope="session")
-def digits_dir(tmp_path_factory):
-    """The digits shards: DISTVIT_DIGITS_DIR when set (make gpu-check sets it to the copy make wheelhouse
-    wrote, as the GPU machine has no scikit-learn to write them), else written here as conftest's are."""
-    shipped = os.environ.get("DISTVIT_DIGITS_DIR")
-    if shipped:
-        if not (Path(shipped) / "dataset.json").is_file():
-            pytest.fail(f"DISTVIT_DIGITS_DIR={shipped} holds no dataset.json; run make wheelhouse again")
-        return Path(shipped)
-    from distvit.data import write_digits
-
-    out = tmp_path_factory.mktemp("digits")
-    write_digits(out)
-    return out
 
 
 def _args(device, digits_dir, run_root, name, steps, *extra):
