@@ -8,7 +8,9 @@ on each), 2 tasks per node, 4 gloo ranks with rendezvous on dvtest-n1's address.
 - losing a node (its link, slurmd and ranks gone) makes Slurm mark it DOWN and requeue the job; once
   the node is back, the job resumes from the newest complete checkpoint and finishes bitwise the same.
 - elastic resume: the run of a 2-node job, submitted again onto 1 node, reshapes its 4-rank checkpoint
-  by itself and finishes on 2 ranks.
+  by itself and finishes on 2 ranks; a job submitted with a node range (`--nodes 1-2 --exclusive`,
+  DISTVIT_TASKS_PER_NODE=2) that loses a node is requeued onto the node left and does the same with
+  no manual step.
 - `mpirun --host` and DeepSpeed's multi-node launcher with a hostfile (openmpi, --no_ssh per node,
   pdsh over ssh) across the two nodes train like the single-host run, bitwise.
 The cluster is torn down after the module, failed or not. Skipped, with a one-line reason, where the
@@ -28,8 +30,8 @@ import pytest
 import torch
 
 from distvit.checkpoint import io as ckio
-from ops.harness import (CLUSTER2_UNSUPPORTED, NODE_IFACE, NODES, OPS, cluster2_env, file_text, iface_bytes, is_root, run, sbatch, slurm,
-                         start_cluster2, stop_cluster2, train_args, wait_job)
+from ops.harness import (CLUSTER2_UNSUPPORTED, NODE_IFACE, NODES, OPS, cluster2_env, file_text, iface_bytes, is_root, job_info, run, sbatch,
+                         slurm, start_cluster2, stop_cluster2, train_args, wait_job)
 from trainer_helpers import ROOT, launch, load_weights, losses, read_metrics, run_env, summary
 
 SBATCH = str(ROOT / "slurm" / "train.sbatch")
@@ -189,10 +191,7 @@ def test_losing_a_node_requeues_and_resumes_from_the_last_complete_checkpoint(di
         time.sleep(0.5)
     last = ckio.complete_checkpoints(ckpts)[-1]  # the newest complete one, now that no rank runs
 
-    # The node comes back (link up, slurmd restarted: start_cluster2.sh brings it up and RESUMEs it).
-    subprocess.run(["ip", "netns", "exec", NODES[1], "ip", "link", "set", NODE_IFACE, "up"], check=True)
-    proc = subprocess.run(["bash", str(OPS / "start_cluster2.sh")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    bring_back(NODES[1], env)
     info = wait_job(job, timeout=600, env=env)
     log = file_text(tmp_path / f"distvit-{job}.out")
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), info | {"log": log[-3000:]}
@@ -201,6 +200,44 @@ def test_losing_a_node_requeues_and_resumes_from_the_last_complete_checkpoint(di
     assert 5 <= step < STEPS
     assert f"resumed from {last} at step {step}" in log
     assert_same_run(run_dir, single_host)
+
+
+def bring_back(node: str, env: dict) -> None:
+    """A lost node returns (link up; start_cluster2.sh restarts its slurmd and RESUMEs it)."""
+    subprocess.run(["ip", "netns", "exec", node, "ip", "link", "set", NODE_IFACE, "up"], check=True)
+    proc = subprocess.run(["bash", str(OPS / "start_cluster2.sh")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_a_node_range_job_requeued_after_losing_a_node_resumes_on_the_smaller_world(digits_dir, tmp_path, env):
+    """Elastic requeue, no manual step: a job submitted with a node range (`--nodes=1-2`) gets both
+    nodes (Slurm allocates as many as it can); when one is lost, Slurm requeues it under the same id,
+    it starts on the one node left, and `--resume auto` reshapes the 4-rank checkpoint onto 2 ranks."""
+    # tasks per node through the script, not sbatch: sbatch's --ntasks-per-node would fix 4 tasks, and
+    # the requeued job would wait for 2 nodes again (measured: ReqNodeNotAvail, NumTasks=4)
+    job = sbatch(["--nodes", "1-2", "--exclusive", "-o", str(tmp_path / "%x-%j.out"), SBATCH,
+                  *job_args(digits_dir, tmp_path)], cwd=tmp_path, env={**env, "DISTVIT_TASKS_PER_NODE": "2"})
+    run_dir, ckpts = tmp_path / f"distvit-{job}", tmp_path / f"distvit-{job}" / "checkpoints"
+    wait_for_step(run_dir, 7, job, env)
+    assert job_info(job, env)["NodeList"] == "dvtest-n[1-2]"  # the range's upper end, both nodes idle
+    assert ckio.complete_checkpoints(ckpts), f"job {job} saved no complete checkpoint by step 7"
+    lose_node(NODES[1], Path(env["SLURM_CONF"]).parent)
+    try:
+        info = wait_job(job, timeout=900, env=env)
+        log = file_text(tmp_path / f"distvit-{job}.out")
+        assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), info | {"log": log[-3000:]}
+        assert info["NodeList"] == NODES[0]  # restarted on the node left, without waiting for the lost one
+        assert f"=== distvit job {job} restart 1:" in log and f"on {NODES[0]}, 2 task(s)" in log
+        lines = [line for line in log.splitlines() if "elastic resume:" in line]
+        assert len(lines) == 1, log[-3000:]
+        assert "was saved by 4 rank(s) (sp=1), this run has 2 (sp=1)" in lines[0]
+        assert summary(run_dir)["status"] == "finished" and summary(run_dir)["steps"] == STEPS
+        assert [s for s, _ in losses(run_dir)] == list(range(1, STEPS + 1))
+        assert ckio.read_meta(ckio.complete_checkpoints(ckpts)[-1]).world_size == 2
+    finally:
+        bring_back(NODES[1], env)  # the tests after this one need both nodes
 
 
 
