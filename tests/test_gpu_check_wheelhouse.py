@@ -79,7 +79,23 @@ def test_the_wheelhouse_ships_the_digits_the_cuda_tests_train_on():
     assert "write_digits" in text and '"$OUT/digits"' in text
     gpu = GPU_CHECK.read_text()
     assert "DISTVIT_DIGITS_DIR" in gpu and "$WHEELS/digits" in gpu
-    assert "DISTVIT_DIGITS_DIR" in (ROOT / "tests" / "test_gpu_training.py").read_text()
+    assert "DISTVIT_DIGITS_DIR" in (ROOT / "benchmarks" / "vit_mfu.py").read_text()
+
+
+def test_the_digits_fixture_takes_the_shipped_shards(request, monkeypatch, tmp_path):
+    """What the CUDA tests get under make gpu-check (DISTVIT_DIGITS_DIR): those shards, never a write
+    (which would need scikit-learn); a folder without a manifest fails naming the fix."""
+    import conftest
+
+    fixture = conftest.digits_dir.__wrapped__  # the function behind the session fixture
+    shipped = tmp_path / "digits"
+    shipped.mkdir()
+    (shipped / "dataset.json").write_text("{}")
+    monkeypatch.setenv("DISTVIT_DIGITS_DIR", str(shipped))
+    assert fixture(None) == shipped
+    monkeypatch.setenv("DISTVIT_DIGITS_DIR", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match="holds no dataset.json; run make wheelhouse again"):
+        fixture(None)
 
 
 def test_the_step_limits_fit_eight_minutes():
