@@ -108,15 +108,16 @@ def _torchrun(argv: list[str]) -> int:
         (rank, first), rest = order[0], order[1:]
         stopped = [r for r, f in rest if f.exitcode == -signal.SIGTERM]
         others = [f"rank {r} {code(f)}" for r, f in rest if r not in stopped]
-        print(f"distvit torchrun: error: rank {rank} {code(first)} (its error is above)"
+        print(f"distvit torchrun: error: rank {rank} {code(first)} (the error above says why)"
               + "".join(f", {o}" for o in others)
               + (f"; torchrun then stopped rank(s) {', '.join(map(str, stopped))}" if stopped else "")
               + "; DISTVIT_DEBUG=1 prints the tracebacks", file=sys.stderr, flush=True)
         return first.exitcode if first.exitcode > 0 else 128 - first.exitcode if first.exitcode < 0 else 1
     except SignalException as exc:
         name = signal.Signals(exc.sigval).name
-        print(f"distvit torchrun: stopped by {name}, which every rank was sent (a training rank saves a "
-              f"checkpoint after its step and exits)", file=sys.stderr, flush=True)
+        then = {"SIGTERM": " (a training rank saves a checkpoint after its step and exits)",
+                "SIGINT": " (a rank stops at once, without saving)"}.get(name, "")
+        print(f"distvit torchrun: stopped by {name}, which every rank was sent{then}", file=sys.stderr, flush=True)
         return 128 + int(exc.sigval)
     return 0
 

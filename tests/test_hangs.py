@@ -110,3 +110,69 @@ def test_sigterm_while_waiting_for_a_peer_at_start_up_ends_the_rank(digits_dir, 
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "distvit: stopped by signal 15 during start-up (nothing to save yet)" in err
     assert took < 10, took
+
+
+def _after_first_logged_step(proc, metrics, timeout=240):
+    _wait_for(lambda: proc.poll() is not None or (metrics.is_file() and len(metrics.read_text().splitlines()) > 1),
+              timeout, "the first logged step")
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+
+
+def test_sigint_in_one_process_prints_interrupted_once_and_exits_130(digits_dir, tmp_path):
+    cmd = [sys.executable, "-m", "distvit.cli", "train", *_args(digits_dir, tmp_path, "int1")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(PYTHONPATH=ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        _after_first_logged_step(proc, tmp_path / "int1" / "metrics.csv")
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert [line for line in err.splitlines() if line.strip()] == ["distvit: interrupted"], err[-3000:]
+
+
+@pytest.mark.multirank
+def test_sigint_while_waiting_for_a_peer_at_start_up_ends_the_rank(digits_dir, tmp_path):
+    proc = _lone_rank(tmp_path, digits_dir, 600)
+    try:
+        _wait_for(lambda: (tmp_path / "lone").is_dir(), 180, "the run folder")
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert [line for line in err.splitlines() if line.strip()] == ["distvit: interrupted"], err[-3000:]
+    assert took < 10, took
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_ctrl_c_under_distvit_torchrun_prints_interrupted_once(digits_dir, tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground process group: the launcher and every rank."""
+    cmd = [sys.executable, "-m", "distvit.cli", "torchrun", "--nproc-per-node=2", f"--master-port={free_port()}", SCRIPT,
+           *_args(digits_dir, tmp_path, "int2")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(PYTHONPATH=ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    ranks = {}
+    try:
+        _after_first_logged_step(proc, tmp_path / "int2" / "metrics.csv")
+        ranks = _ranks(psutil.Process(proc.pid))
+        assert len(ranks) == 2
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+        time.sleep(1)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks.values())
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    ours = [line for line in err.splitlines() if line.startswith("distvit")]
+    assert ours == ["distvit: interrupted", "distvit torchrun: stopped by SIGINT, which every rank was sent (a rank "
+                                            "stops at once, without saving)"], err[-3000:]
