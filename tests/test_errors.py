@@ -52,6 +52,34 @@ def test_wrong_data_path_in_one_process_is_one_line(digits_dir, tmp_path):
     assert line.startswith(f"distvit: error: shard pattern '{tmp_path}/nope-*.tar' matches no shard; check the path"), line
 
 
+def test_bad_shard_under_on_error_raise_in_a_data_worker_is_one_line(digits_dir, tmp_path):
+    """Every image of one shard corrupt, read by a DataLoader worker: torch re-raises the worker's error
+    with its traceback in the message; the user sees the data package's one line."""
+    import io
+    import shutil
+    import tarfile
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in digits_dir.glob("*.tar"):
+        shutil.copy(f, data / f.name)
+    bad = data / "train-000000.tar"
+    with tarfile.open(digits_dir / bad.name) as src, tarfile.open(bad, "w") as dst:
+        for m in src.getmembers():
+            payload = src.extractfile(m).read()
+            if m.name.endswith(".png"):
+                payload = b"not a png" * 8
+            m.size = len(payload)
+            dst.addfile(m, io.BytesIO(payload))
+    proc = _run(DISTVIT + ["train", *_train_args(digits_dir, tmp_path, f"data.train={data}/train-*.tar",
+                                                 "data.on_error=raise", "data.num_workers=1")])
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors_ = [line for line in proc.stderr.splitlines() if line.startswith("distvit") or "Error" in line]
+    assert len(errors_) == 1 and errors_[0].startswith(f"distvit: error: bad data in shard '{bad}', key "), proc.stderr[-3000:]
+    assert "data.on_error=skip" in errors_[0]
+
+
 def test_debug_env_adds_the_traceback(digits_dir, tmp_path):
     (tmp_path / "afile").write_text("")
     proc = _run([sys.executable, str(ROOT / "launch/train.py"),
@@ -62,16 +90,33 @@ def test_debug_env_adds_the_traceback(digits_dir, tmp_path):
 
 
 @contextlib.contextmanager
-def _tmpfs(path, size):
+def _tmpfs(path, size, *options):
     """A small tmpfs at path (needs root); skips the test where it cannot be mounted."""
     path.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+    opts = ",".join([f"size={size}", *options])
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
                                            capture_output=True).returncode != 0:
         pytest.skip("needs root to mount a small tmpfs")
     try:
         yield path
     finally:
         subprocess.run(["umount", str(path)], capture_output=True)
+
+
+@pytest.mark.parametrize("case", ["read-only", "full"])
+def test_read_only_or_full_output_disk_fails_before_start_up_in_one_line(digits_dir, tmp_path, case):
+    """As root a read-only folder is still writable: a read-only mount, and a tmpfs filled to the last byte."""
+    with _tmpfs(tmp_path / "mnt", "256k", *(["ro"] if case == "read-only" else [])) as mnt:
+        if case == "full":
+            with open(mnt / "filler", "wb") as f, contextlib.suppress(OSError):
+                f.write(b"x" * (1 << 20))
+        proc = _run(DISTVIT + ["train", *_train_args(digits_dir, tmp_path, f"run.output_dir={mnt}")])
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    reason = "Read-only file system" if case == "read-only" else "the disk is full"
+    assert line.startswith(f"distvit: error: run folder '{mnt}/e' (run.output_dir={mnt}, run.name=e) is not "
+                           f"writable: {reason}"), line
+    assert "deepspeed" not in proc.stdout.lower()  # before process groups and DeepSpeed
 
 
 def test_full_disk_is_one_line_naming_the_disk(digits_dir, tmp_path):
@@ -128,6 +173,38 @@ def test_same_error_on_every_rank_is_printed_once(digits_dir, tmp_path):
     assert len(lines) == 1, proc.stderr[-3000:]
     assert f"shard pattern '{tmp_path}/nope-*.tar' matches no shard" in lines[0]
     assert "[rank" not in proc.stderr  # no rank-prefixed Python traceback
+
+
+def test_model_in_chans_other_than_the_datas_is_one_line_at_load(digits_dir, tmp_path):
+    proc = _run(DISTVIT + ["train", *_train_args(digits_dir, tmp_path, "model.in_chans=3")])
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert line.startswith("distvit: error: bad value for config key 'model.in_chans' (from --set model.in_chans=3): 3, "
+                           "but the data loader yields data.in_chans=1 (from "), line
+    assert "set both to the same value, or leave model.in_chans unset" in line
+    assert "deepspeed" not in proc.stdout.lower()  # refused at load, before any process group or engine
+
+
+def test_sp_size_not_dividing_the_world_size_is_one_line(digits_dir, tmp_path):
+    proc = _run(DISTVIT + ["train", *_train_args(digits_dir, tmp_path, "parallel.sp_size=2")])
+    assert proc.returncode == 2
+    assert _one_error_line(proc) == ("distvit: error: parallel.sp_size=2 does not divide the world size 1 "
+                                     "(world = dp x sp); choose sp_size from [1]")
+
+
+@pytest.mark.slow  # 3 ranks on 2 shared cores: 20-50 s
+@pytest.mark.multirank
+def test_sp_size_not_dividing_the_heads_is_one_line_naming_both(digits_dir, tmp_path):
+    """vit_digits has 4 heads; sp=3 on 3 ranks: Ulysses cannot split them (every rank says so; printed once)."""
+    cmd = [*DISTVIT, "torchrun", "--nproc-per-node=3", f"--master-port={free_port()}", str(ROOT / "launch/train.py"),
+           *_train_args(digits_dir, tmp_path, "parallel.sp_size=3")]
+    proc = _run(cmd)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("distvit: error")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert ("parallelize_sequence: parallel.sp_size=3 does not divide the model's 4 attention heads, which Ulysses "
+            "splits over the sp ranks; use parallel.sp_size in [1, 2, 4] or parallel.sp_impl=ring") in lines[0]
 
 
 @pytest.mark.parametrize("argv, expected", [
