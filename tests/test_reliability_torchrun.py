@@ -38,7 +38,7 @@ def test_a_failed_rank_is_its_own_line_and_one_launcher_line(digits_dir, tmp_pat
     errors = [line for line in lines if line.startswith("distvit: error")]
     assert len(errors) == 1 and f"shard pattern '{tmp_path}/nope-*.tar' matches no shard" in errors[0], proc.stderr
     assert lines[-1].startswith("distvit torchrun: error: rank "), proc.stderr
-    assert " exited with code 2 (its error is above)" in lines[-1]
+    assert " exited with code 2 (the error above says why)" in lines[-1]
     assert len(lines) == 2, proc.stderr  # the rank's line, then the launcher's: nothing of the agent's logging
 
 
