@@ -9,6 +9,9 @@ def cpu_adamw(groups, **kwargs) -> torch.optim.Optimizer:
     """DeepSpeedCPUAdam in AdamW mode: what ZeRO offload runs on the host (its C++ op)."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+    from distvit.parallel import op_load
+
+    op_load.preload(op_load.CPU_ADAM)  # a stale build lock would hang DeepSpeedCPUAdam (op_load.py)
     return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
 
 

@@ -156,6 +156,7 @@ def init(device_request: str = "auto", timeout_s: float = 1800) -> tuple[LaunchI
         import deepspeed
 
         from distvit import watchdog
+        from distvit.parallel import op_load
 
         global _store, _watchdog
         addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
@@ -175,7 +176,9 @@ def init(device_request: str = "auto", timeout_s: float = 1800) -> tuple[LaunchI
         dist.init_process_group(backend_for(device), store=dist.PrefixStore("distvit_pg", _store),
                                 rank=info.rank, world_size=info.world_size, timeout=timeout)
         _watchdog = watchdog.start(addr, port, info.rank, info.world_size, timeout_s)
-        # DeepSpeed wraps the group that exists (it does not create another).
+        # DeepSpeed wraps the group that exists (it does not create another); its shm op is loaded
+        # first, clearing a build lock that a killed process left (op_load.py: else a silent hang).
+        op_load.preload(op_load.SHM_COMM)
         deepspeed.init_distributed(dist_backend=backend_for(device), auto_mpi_discovery=False, timeout=timeout,
                                    rank=info.rank, world_size=info.world_size)
     return info, device

@@ -45,6 +45,7 @@ from distvit.attention.backends import attention
 from distvit.attention.merge import merge_two
 from distvit.attention.packed import check_ids, ring_pieces
 from distvit.attention.ring_kernels import _piece_backward, _piece_forward
+from distvit.parallel import op_load
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -198,6 +199,7 @@ def _ensure_deepspeed_comm():
     import deepspeed.comm as ds_comm
 
     if not ds_comm.is_initialized():
+        op_load.preload(op_load.SHM_COMM)  # a stale build lock would hang here (op_load.py)
         ds_comm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
 
 
