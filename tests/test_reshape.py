@@ -181,13 +181,9 @@ def assert_like_reference(cfg, phases, precision, logged, final_file: Path, ref_
 @pytest.mark.parametrize("stage,precision,phases", [
     (3, "fp32", [(2, 1, 3), (3, 1, 9)]),
     (3, "bf16", [(2, 1, 3), (4, 2, 12)]),
-    # DeepSpeed's ZeRO-1/2 universal load (base_optimizer.load_hp_checkpoint_state_from_checkpoint_dir)
-    # asks the mpu for get_tensor_model_parallel_world_size(), which distvit's sp mpu
-    # (parallel/parallelize.py, _SequenceDataParallelMPU) lacks: a reshape INTO sp > 1 under ZeRO-1/2
-    # stops with an AttributeError. ZeRO-3 loads through checkpoint/zero3_universal.py and works.
-    pytest.param(2, "bf16", [(2, 1, 3), (4, 2, 12)], marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="ZeRO-1/2 universal load into sp>1: _SequenceDataParallelMPU has no get_tensor_model_parallel_world_size")),
+    # ZeRO-1/2 load a reshaped checkpoint through DeepSpeed's universal load, which asks the mpu for
+    # its tensor-parallel size (parallel/mpu.py answers 1; it once had no such method: AttributeError)
+    (2, "bf16", [(2, 1, 3), (4, 2, 12)]),
 ], ids=["zero3-fp32-2to3", "zero3-bf16-2to4-dp2xsp2", "zero2-bf16-2to4-dp2xsp2"])
 def test_ckpt_reshape_cli_carries_the_cursor_into_another_run(data, tmp_path, capsys, stage, precision, phases):
     """2 ranks stop after step 3 of the 12-step epoch; `distvit ckpt reshape` writes the checkpoint into a

@@ -30,7 +30,7 @@ def apply_sequence_parallel(model: nn.Module, mesh: Mesh, impl: str, *, ulysses_
         from distvit.parallel.parallelize import parallelize_sequence
 
         parallelize_sequence(model, mesh, impl=impl, grad_sync="partial", ulysses_size=ulysses_size)
-    from distvit.parallel.parallelize import deepspeed_mpu
+    from distvit.parallel.mpu import deepspeed_mpu
 
     return deepspeed_mpu(mesh, "partial")
 

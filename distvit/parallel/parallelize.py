@@ -56,6 +56,7 @@ from distvit.choices import SP_IMPLS
 from distvit.models.layers import Attention, DropPath, PatchEmbed, image_mask_to_tokens
 from distvit.models.vit import VisionTransformer
 from distvit.parallel import comm
+from distvit.parallel.mpu import GRAD_SYNCS, deepspeed_mpu  # noqa: F401  (deepspeed_mpu: the public name here too)
 from distvit.parallel.hybrid import hybrid_attention, hybrid_groups
 from distvit.parallel.parallelize_packed import forward_packed as forward_packed_sp
 from distvit.parallel.sequence_parallel import (
@@ -63,7 +64,6 @@ from distvit.parallel.sequence_parallel import (
 )
 
 IMPLS = SP_IMPLS  # parallel.sp_impl
-GRAD_SYNCS = ("allreduce", "partial")
 
 
 @dataclass
@@ -200,98 +200,6 @@ def _register_grad_sync(model, plan) -> None:
         for p in head:
             if p.requires_grad:
                 p.register_hook(lambda grad: grad / plan.sp_size)
-
-
-# --- what DeepSpeed needs to know ---------------------------------------------------------------
-
-
-class _DataParallelOnlyMPU:
-    """grad_sync="allreduce": gradients are complete and equal over sp; DeepSpeed reduces over dp only."""
-
-    def __init__(self, mesh):
-        self.mesh = mesh
-
-    def get_data_parallel_group(self):
-        return self.mesh.dp_group
-
-    def get_data_parallel_world_size(self):
-        return self.mesh.dp_size
-
-    def get_data_parallel_rank(self):
-        return self.mesh.dp_rank
-
-    # sp as DeepSpeed's "model parallel" group: a gradient held by every sp rank (all of them
-    # here) enters the global norm from model-parallel rank 0 only.
-    def get_model_parallel_group(self):
-        return self.mesh.sp_group
-
-    def get_model_parallel_world_size(self):
-        return self.mesh.sp_size
-
-    def get_model_parallel_rank(self):
-        return self.mesh.sp_rank
-
-
-class _SequenceDataParallelMPU(_DataParallelOnlyMPU):
-    """grad_sync="partial": DeepSpeed's sequence parallelism, ZeRO over the dp x sp ranks.
-
-    DeepSpeed reads get_sequence_parallel_* (its sp size) and get_sequence_data_parallel_*
-    (the group ZeRO partitions and reduces over, dividing by dp only). Model parallelism is
-    none: a group of this rank alone.
-    """
-
-    def __init__(self, mesh, alone):
-        super().__init__(mesh)
-        self.alone = alone
-
-    def get_sequence_parallel_group(self):
-        return self.mesh.sp_group
-
-    def get_sequence_parallel_world_size(self):
-        return self.mesh.sp_size
-
-    def get_sequence_parallel_rank(self):
-        return self.mesh.sp_rank
-
-    def get_sequence_data_parallel_group(self):
-        return dist.group.WORLD
-
-    def get_sequence_data_parallel_world_size(self):
-        return self.mesh.world_size
-
-    def get_sequence_data_parallel_rank(self):
-        return self.mesh.rank
-
-    def get_model_parallel_group(self):
-        return self.alone
-
-    def get_model_parallel_world_size(self):
-        return 1
-
-    def get_model_parallel_rank(self):
-        return 0
-
-
-def deepspeed_mpu(mesh, grad_sync: str = "allreduce"):
-    """The `mpu` for deepspeed.initialize that matches parallelize_sequence(..., grad_sync=grad_sync).
-
-    mesh: a distvit.parallel.mesh.Mesh (dp_group, sp_group, dp/sp sizes and ranks; rank = dp_rank * sp +
-    sp_rank, its world is the whole job). Collective for "partial" (it creates one single-rank
-    group per rank): call it on every rank.
-    """
-    if grad_sync not in GRAD_SYNCS:
-        raise ValueError(f"deepspeed_mpu: grad_sync={grad_sync!r}; choose one of {', '.join(GRAD_SYNCS)}")
-    if grad_sync == "allreduce":
-        return _DataParallelOnlyMPU(mesh)
-    if mesh.world_size != dist.get_world_size():
-        raise ValueError(f"deepspeed_mpu: the mesh spans {mesh.world_size} ranks but the job has "
-                         f"{dist.get_world_size()}; DeepSpeed's sequence-data-parallel group is the whole job")
-    alone = None
-    for r in range(dist.get_world_size()):
-        g = dist.new_group([r])
-        if r == dist.get_rank():
-            alone = g
-    return _SequenceDataParallelMPU(mesh, alone)
 
 
 class SumReplicated(torch.autograd.Function):
