@@ -37,14 +37,6 @@ class _DataParallelOnlyMPU:
     def get_model_parallel_rank(self):
         return self.mesh.sp_rank
 
-    # No tensor parallelism: DeepSpeed's universal-checkpoint load (ZeRO-1/2, a reshaped checkpoint)
-    # asks for it to slice tensor-parallel fragments.
-    def get_tensor_model_parallel_world_size(self):
-        return 1
-
-    def get_tensor_model_parallel_rank(self):
-        return 0
-
 
 class _SequenceDataParallelMPU(_DataParallelOnlyMPU):
     """grad_sync="partial": DeepSpeed's sequence parallelism, ZeRO over the dp x sp ranks.
@@ -83,6 +75,16 @@ class _SequenceDataParallelMPU(_DataParallelOnlyMPU):
         return 1
 
     def get_model_parallel_rank(self):
+        return 0
+
+    # No tensor parallelism: DeepSpeed's universal-checkpoint load (ZeRO-1/2, a reshaped checkpoint)
+    # asks for it to slice tensor-parallel fragments. Not on the class above: DeepSpeed prefers these
+    # names to get_model_parallel_* wherever both exist (deepspeed/utils/bwc.py), and there the
+    # "model parallel" group is sp, which the global norm needs.
+    def get_tensor_model_parallel_world_size(self):
+        return 1
+
+    def get_tensor_model_parallel_rank(self):
         return 0
 
 
