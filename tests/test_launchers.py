@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from trainer_helpers import ROOT, launch, load_weights, losses, run_env, summary
+from trainer_helpers import ROOT, launch, load_weights, losses, rank_processes, run_env, summary
 
 
 def _args(digits_dir, run_root, name):
@@ -50,16 +50,6 @@ def _demo_command(venv: Path, run_name: str) -> str:
     return out[start:].replace("\\\n", " ").splitlines()[0].strip()
 
 
-def _rank_processes(run_name: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "launch/train.py" in cmd and f"run.name={run_name}" in cmd and "torch.distributed.run" not in cmd \
-                and "torchrun" not in cmd:
-            found.append(p)
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_sigterm_to_make_demo_launcher_ends_every_rank(digits_dir, tmp_path):
@@ -78,11 +68,11 @@ def test_sigterm_to_make_demo_launcher_ends_every_rank(digits_dir, tmp_path):
             time.sleep(0.5)
         assert "torchrun" in " ".join(psutil.Process(launcher.pid).cmdline()) or "torch.distributed.run" in " ".join(
             psutil.Process(launcher.pid).cmdline())
-        assert len(_rank_processes(name)) == 2
+        assert len(rank_processes(name)) == 2
         launcher.send_signal(signal.SIGTERM)  # the launcher only, as `kill <pid>` or a scheduler would
         out, err = launcher.communicate(timeout=60)
         time.sleep(1)
-        assert _rank_processes(name) == []
+        assert rank_processes(name) == []
     finally:
         try:
             os.killpg(launcher.pid, signal.SIGKILL)

@@ -13,10 +13,9 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
-from trainer_helpers import ROOT, free_port, run_env, summary
+from trainer_helpers import ROOT, free_port, rank_processes, run_env, summary
 
 DISTVIT_TORCHRUN = [sys.executable, "-m", "distvit.cli", "torchrun", "--nproc-per-node=2"]
 
@@ -42,15 +41,6 @@ def test_a_failed_rank_is_its_own_line_and_one_launcher_line(digits_dir, tmp_pat
     assert len(lines) == 2, proc.stderr  # the rank's line, then the launcher's: nothing of the agent's logging
 
 
-def _ranks(name: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "launch/train.py" in cmd and f"run.name={name}" in cmd and "torchrun" not in cmd:
-            found.append(p)
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_sigterm_to_distvit_torchrun_reaches_every_rank_and_says_so_in_one_line(digits_dir, tmp_path):
@@ -64,11 +54,11 @@ def test_sigterm_to_distvit_torchrun_reaches_every_rank_and_says_so_in_one_line(
         while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 1):  # a step was logged
             assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
             time.sleep(0.5)
-        assert len(_ranks(name)) == 2
+        assert len(rank_processes(name)) == 2
         launcher.send_signal(signal.SIGTERM)  # the launcher only
         out, err = launcher.communicate(timeout=90)
         time.sleep(1)
-        assert _ranks(name) == []
+        assert rank_processes(name) == []
     finally:
         try:
             os.killpg(launcher.pid, signal.SIGKILL)

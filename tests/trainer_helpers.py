@@ -193,3 +193,16 @@ def reference_run(cfg, steps: int, dp_size: int = 2, *, teacher=None, total_step
             on_phase_end(states)
         carried = remap.reshaped_state(states)
     return model.state_dict(), step_losses
+
+
+def rank_processes(run_name: str) -> list:
+    """The training ranks (launch/train.py) of run `run_name` that are alive, launchers left out."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "launch/train.py" in cmd and f"run.name={run_name}" in cmd and "torch.distributed.run" not in cmd \
+                and "torchrun" not in cmd:
+            found.append(p)
+    return found
